@@ -24,7 +24,9 @@ def setup_logging(stage: str) -> logging.Logger:
     return logging.getLogger(f"stages.{stage}")
 
 
-def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
+def run_cli(
+    main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None
+) -> None:
     """Run a stage entry point; turn ``UserError`` into one line on stderr and exit 2."""
     try:
         main(argv)

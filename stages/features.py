@@ -10,6 +10,7 @@ and ``feature``, a fixed-size list of float32 (or float16).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.errors import UserError
+from stages.io import atomic_path, write_json_atomic
 
 MANIFEST = "manifest.json"
 META_COLUMNS = ("image_id", "split", "source", "defect_type", "is_anomaly")
@@ -78,7 +80,9 @@ def iter_shard_tables(folder: str | Path, columns: list[str] | None = None):
     """Yield the shards of a complete feature set one by one (bounded memory)."""
     manifest = read_manifest(folder)
     if manifest is None:
-        raise UserError(f"{folder}: feature set incomplete (no {MANIFEST}); rerun the extract stage")
+        raise UserError(
+            f"{folder}: feature set incomplete (no {MANIFEST}); rerun the extract stage"
+        )
     for name in manifest["shards"]:
         yield pq.read_table(Path(folder) / name, columns=columns)
 
@@ -107,3 +111,99 @@ def load_feature_set(folder: str | Path, dtype: type = np.float32) -> FeatureSet
         is_anomaly=meta["is_anomaly"].astype(bool),
         X=feature_matrix(table, dtype),
     )
+
+
+SHARD_HASH_KEY = b"shard_hash"
+ROW_GROUP_BYTES = 32 << 20  # buffer at most this many feature bytes before writing
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def shard_hash_of(path: str | Path) -> str | None:
+    """The hash a finished shard was written for (Parquet metadata), or None when absent."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    value = metadata.get(SHARD_HASH_KEY)
+    return value.decode() if value else None
+
+
+class ShardWriter:
+    """Stream rows into one shard; the file appears (atomically) only on ``close()``.
+
+    Rows are buffered up to ``ROW_GROUP_BYTES`` and written as Parquet row groups to a temp
+    file, so memory stays bounded by one batch plus that buffer whatever the shard size.
+    ``shard_hash`` is stored in the file's metadata so a rerun can tell a finished shard
+    of the same inputs and config from a stale one.
+    """
+
+    def __init__(self, path: str | Path, dim: int, dtype: str, shard_hash: str) -> None:
+        self.path = Path(path)
+        self.dim = dim
+        self.dtype = dtype
+        schema = shard_schema(dim, dtype).with_metadata({SHARD_HASH_KEY: shard_hash.encode()})
+        self._stack = contextlib.ExitStack()
+        tmp = self._stack.enter_context(atomic_path(self.path))
+        self._writer = pq.ParquetWriter(
+            tmp, schema, compression="snappy", use_dictionary=list(META_COLUMNS[:4])
+        )
+        self._stack.callback(self._writer.close)
+        self._meta: dict[str, list[Any]] = {c: [] for c in META_COLUMNS}
+        self._features: list[np.ndarray] = []
+        self._buffered = 0
+        self.n_rows = 0
+
+    def add(self, meta: dict[str, list[Any]], features: np.ndarray) -> None:
+        """Append rows: ``meta`` holds one list per ``META_COLUMNS`` entry, ``features`` (n, dim)."""
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"expected features of shape (n, {self.dim}), got {features.shape}")
+        for column in META_COLUMNS:
+            self._meta[column].extend(meta[column])
+        self._features.append(np.ascontiguousarray(features, dtype=self.dtype))
+        self._buffered += features.nbytes
+        self.n_rows += len(features)
+        if self._buffered >= ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._features:
+            return
+        values = np.concatenate(self._features).reshape(-1)
+        feature = pa.FixedSizeListArray.from_arrays(pa.array(values), self.dim)
+        columns = [pa.array(self._meta[c]) for c in META_COLUMNS]
+        table = pa.Table.from_arrays([*columns, feature], schema=self._writer.schema)
+        self._writer.write_table(table)
+        self._meta = {c: [] for c in META_COLUMNS}
+        self._features = []
+        self._buffered = 0
+
+    def close(self) -> None:
+        """Write the last row group and rename the temp file onto the shard's name."""
+        self._flush()
+        self._writer.close()
+        self._stack.close()
+
+    def abort(self) -> None:
+        """Drop the temp file; the shard stays absent."""
+        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> None:
+    """Mark a feature set complete: drop shards it does not list, then write the manifest."""
+    folder = Path(folder)
+    listed = set(manifest["shards"])
+    for stale in folder.glob("part-*.parquet"):
+        if stale.name not in listed:
+            stale.unlink()
+    write_json_atomic(folder / MANIFEST, manifest)
+
+
+def invalidate(folder: str | Path) -> None:
+    """Remove a feature set's manifest so it is no longer read as complete."""
+    (Path(folder) / MANIFEST).unlink(missing_ok=True)
