@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 export DVC_NO_ANALYTICS := 1
+# Stage commands run `python -m stages.X`: make that the venv's python.
+export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHONHASHSEED := 0
 
 .PHONY: demo test lint format install clean-results
