@@ -1,0 +1,291 @@
+"""Running work units on Dask, with crash isolation and per-step deadlines.
+
+The stage starts a ``LocalCluster`` (workers and threads from params, BLAS/OpenMP threads
+capped to the worker's threads) or connects to an existing scheduler (``address``), which
+is how a study scales out to many machines. Workers and the stage must see the same
+filesystem (the feature shards and ``scratch``): workers read inputs themselves and only
+results travel back to the stage, which is the only process that writes the database.
+
+``run_units`` submits one top-level function per work unit and handles results as they
+complete. When a worker dies inside a unit (segfault, abort, OOM kill), the scheduler
+fails the task fast (``allowed-failures`` = 0) and the unit is split and resubmitted until
+the single item that kills a worker is isolated and reported with the fatal signal (from
+a faulthandler report). When a worker may run more than one task at once (several threads,
+or a scheduler not known to send one task per thread), the item is first run once more
+alone on the cluster, so an innocent item that merely shared a worker with the culprit is
+never blamed.
+
+``deadline`` is the worker-side timeout: a watchdog thread writes a note naming the step
+that overran and then SIGKILLs its own worker process (a hung C extension cannot be
+interrupted any other way); the stage reads the note when the death is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import dask
+from distributed import Client, Future, KilledWorker, LocalCluster, as_completed
+from pydantic import Field
+
+from stages.io import write_json_atomic
+from stages.params import Section
+
+U = TypeVar("U")
+R = TypeVar("R")
+
+log = logging.getLogger("stages.engine")
+
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
+class EngineParams(Section):
+    """Where work units run: a LocalCluster started by the stage, or ``address``."""
+
+    address: str | None = None  # e.g. tcp://scheduler:8786; None: start a LocalCluster
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = "auto"  # per worker; the nanny kills a worker above it
+    allowed_failures: int = Field(0, ge=0)  # worker deaths a task may cause before it fails
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment that caps BLAS/OpenMP pools to ``threads`` (no oversubscription)."""
+    return dict.fromkeys(THREAD_ENV_VARS, str(threads))
+
+
+def _dask_config(params: EngineParams) -> dict[str, Any]:
+    return {
+        "distributed.scheduler.allowed-failures": params.allowed_failures,
+        # One task per worker thread, so a dying worker takes no queued innocents with it.
+        "distributed.scheduler.worker-saturation": 1.0,
+    }
+
+
+@contextlib.contextmanager
+def dask_client(params: EngineParams) -> Iterator[Client]:
+    """A client on ``params.address``, or on a LocalCluster this context starts and stops.
+
+    A remote scheduler should be started with ``DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0``
+    so crashing units fail fast (otherwise each crash is retried on other workers first).
+    """
+    with dask.config.set(_dask_config(params)):
+        if params.address:
+            with Client(params.address, timeout="30s") as client:
+                yield client
+            return
+        with (
+            LocalCluster(
+                n_workers=params.n_workers,
+                threads_per_worker=params.threads_per_worker,
+                memory_limit=params.memory_limit,
+                processes=True,
+                dashboard_address=":0",  # the HTTP server starts anyway: a free port
+                scheduler_kwargs={"dashboard": False},
+                silence_logs=logging.ERROR,
+                env=thread_env(params.threads_per_worker),
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            yield client
+
+
+# --- worker side ---------------------------------------------------------------------------
+
+_watch_lock = threading.Lock()
+_watched: dict[str, tuple[float, float, Path]] = {}  # token -> (due, seconds, note)
+_watcher: threading.Thread | None = None
+
+
+def _watch() -> None:
+    while True:
+        time.sleep(0.05)
+        now = time.monotonic()
+        with _watch_lock:
+            expired = [(s, n) for due, s, n in _watched.values() if now >= due]
+        if expired:
+            for seconds, note in expired:
+                write_json_atomic(note, {"timeout_s": seconds, "pid": os.getpid()})
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None, note: Path) -> Iterator[None]:
+    """Run the body with a deadline: past it, write ``note`` and SIGKILL this process.
+
+    Only for code running in a Dask worker process (the nanny restarts the worker).
+    """
+    global _watcher
+    if seconds is None:
+        yield
+        return
+    token = uuid.uuid4().hex
+    with _watch_lock:
+        _watched[token] = (time.monotonic() + seconds, seconds, Path(note))
+        if _watcher is None:
+            _watcher = threading.Thread(target=_watch, name="ood-deadline", daemon=True)
+            _watcher.start()
+    try:
+        yield
+    finally:
+        with _watch_lock:
+            del _watched[token]
+
+
+def _call(fn: Callable[[Any], Any], unit: Any, threads: int, fault_file: str | None) -> Any:
+    """Worker-side wrapper: caps native thread pools; with ``fault_file``, records fatal signals."""
+    from threadpoolctl import threadpool_limits
+
+    report = open(fault_file, "w") if fault_file else None  # noqa: SIM115 - must outlive a crash
+    if report is not None:
+        faulthandler.enable(file=report, all_threads=False)
+    try:
+        with threadpool_limits(limits=threads):
+            return fn(unit)
+    finally:
+        if report is not None:
+            faulthandler.disable()
+            report.close()
+            Path(report.name).unlink(missing_ok=True)
+
+
+# --- stage side ----------------------------------------------------------------------------
+
+FAULT_NAMES = {
+    "Aborted": "SIGABRT",
+    "Segmentation fault": "SIGSEGV",
+    "Bus error": "SIGBUS",
+    "Floating-point exception": "SIGFPE",
+    "Floating point exception": "SIGFPE",
+    "Illegal instruction": "SIGILL",
+}
+
+
+def fault_summary(path: Path) -> str:
+    """What killed a worker, from its faulthandler report (none: SIGKILL, e.g. OOM)."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("Fatal Python error:"):
+            what = line.split(":", 1)[1].strip()
+            return f"{FAULT_NAMES.get(what, what)} ({what})"
+    return "SIGKILL or another uncatchable signal (no fault report; e.g. the OOM killer)"
+
+
+def one_task_per_worker(client: Client) -> bool:
+    """Whether every worker runs one task at a time, so a death blames exactly one task."""
+    threads = client.nthreads()
+    saturation = client.run_on_scheduler(_saturation)
+    return bool(threads) and all(n == 1 for n in threads.values()) and saturation <= 1.0
+
+
+def _saturation(dask_scheduler: Any) -> float:
+    return float(getattr(dask_scheduler, "WORKER_SATURATION", float("inf")))
+
+
+@dataclass
+class RunStats:
+    submitted: int = 0
+    worker_deaths: int = 0
+    splits: int = 0
+    crashed: int = 0
+
+
+def run_units(
+    client: Client,
+    fn: Callable[[U], R],
+    units: Iterable[U],
+    *,
+    split: Callable[[U], Sequence[U]],
+    on_result: Callable[[U, R], None],
+    on_error: Callable[[U, BaseException], None],
+    on_crash: Callable[[U, str], None],
+    explain_death: Callable[[U], Sequence[U] | None] | None = None,
+    scratch: str | Path,
+    threads: int = 1,
+    name: str = "unit",
+) -> RunStats:
+    """Run ``fn(unit)`` on the cluster for every unit; call back as results arrive.
+
+    ``fn`` must be a picklable top-level function. On a worker death, ``explain_death(unit)``
+    may account for it (e.g. a deadline note) and return what is left to run; otherwise the
+    unit is ``split``; a unit that cannot be split (``len(split(u)) <= 1``) is passed to
+    ``on_crash`` with the fatal signal (after a rerun alone when workers run several tasks
+    at once). Any other exception from ``fn`` goes to ``on_error``. Callbacks run in this
+    (the stage) process.
+    """
+    scratch = Path(scratch).resolve()  # workers may run in another directory
+    scratch.mkdir(parents=True, exist_ok=True)
+    stats = RunStats()
+    running: dict[Future, tuple[U, Path | None, bool]] = {}
+    pending = as_completed()
+    suspects: deque[U] = deque()
+    exclusive = one_task_per_worker(client)
+
+    def submit(unit: U, solo: bool = False) -> None:
+        atomic = len(split(unit)) <= 1
+        fault = scratch / f"fault-{uuid.uuid4().hex}.txt" if atomic else None
+        future = client.submit(
+            _call, fn, unit, threads, None if fault is None else str(fault),
+            key=f"{name}-{uuid.uuid4().hex}", pure=False,
+        )  # fmt: skip
+        running[future] = (unit, fault, solo or exclusive)
+        pending.add(future)
+        stats.submitted += 1
+
+    for unit in units:
+        submit(unit)
+    while running or suspects:
+        if not running:  # everything else finished: confirm one suspect alone on the cluster
+            submit(suspects.popleft(), solo=True)
+        future = next(pending)
+        unit, fault, certain = running.pop(future)
+        try:
+            if future.status == "finished":
+                on_result(unit, future.result())
+                continue
+            exc = future.exception()
+            if not isinstance(exc, KilledWorker):
+                on_error(unit, exc)
+                continue
+            stats.worker_deaths += 1
+            rest = explain_death(unit) if explain_death is not None else None
+            if rest is not None:
+                for part in rest:
+                    submit(part)
+            elif fault is None:
+                parts = split(unit)
+                stats.splits += 1
+                log.info("a worker died in a %s; retrying it as %d parts", name, len(parts))
+                for part in parts:
+                    submit(part)
+            elif certain:
+                stats.crashed += 1
+                on_crash(unit, fault_summary(fault))
+            else:
+                suspects.append(unit)
+        finally:
+            future.release()
+            if fault is not None:
+                fault.unlink(missing_ok=True)
+    return stats

@@ -1,0 +1,495 @@
+"""Stage ``evaluate``: every detector config on every feature set, results into SQL.
+
+An experiment is category x augmented x extractor (backbone, init, layer, representation)
+x detector config x seed. It fits on the train good images (originals, plus the augmented
+copies when augmented) and scores every test image; higher score = more anomalous, AUROC
+and average precision with anomalies as the positive class.
+
+A work unit is one feature set with all its pending experiments (both augmentation
+choices); Dask workers read its Parquet shards themselves and return rows; this process is
+the only writer of the database and upserts each unit's rows as it arrives, so a killed
+run resumes where it stopped: ``done`` experiments are never recomputed, and
+failed/crashed/timeout ones are retried only with ``evaluate.retry_failed: true`` or
+``OOD_RETRY_FAILED=1``. The stage exits 0 once every experiment has a final status.
+
+    python -m stages.evaluate [--params params.yaml]
+
+Params (section ``evaluate``; the feature sets come from ``<extract.out>/feature_sets.json``):
+
+- ``db_url`` (``sqlite:///results/results.sqlite``): any SQLAlchemy URL (SQLite runs in WAL
+  mode; ``postgresql+psycopg://user@host/db`` works too).
+- ``summary`` (``results/evaluate_summary.json``): counts by status, a DVC metric.
+- ``scratch`` (``cache/evaluate``): timeout notes and fault reports; must be on a filesystem
+  shared with the workers, like the feature shards.
+- ``seeds`` ([0]); ``timeout_s`` (600, null = none): per experiment, fit + score.
+- ``retry_failed`` (false; or env ``OOD_RETRY_FAILED=1``): rerun failed/crashed/timeout.
+- ``allow_test_detectors`` (false): enables the test-only ``crash`` and ``hang`` families.
+- ``augmentation`` (``auto``): ``auto`` = augmented true and false where the category has
+  transforms, false only elsewhere; ``both`` = both everywhere (the study); ``off``.
+- ``detectors``: list of ``{family, grid: {name: [values]}, fixed: {name: value}}``; default
+  the study's 71 configs (``stages.detectors.STUDY_DETECTORS``).
+- ``engine``: ``{address: null, n_workers: 2, threads_per_worker: 1, memory_limit: auto,
+  allowed_failures: 0}``; ``address`` connects to a running Dask scheduler instead of
+  starting a LocalCluster (workers need this repository importable and the same paths).
+
+Stored results of experiments no longer in the grid (e.g. after the features changed,
+which changes their content hash and so the key) stay in the database; the summary counts
+only the current grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from itertools import groupby
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import sklearn
+from distributed import Client
+from pydantic import Field, ValidationError, field_validator
+from sklearn.metrics import average_precision_score, roc_auc_score
+from tqdm import tqdm
+
+from stages.detectors import (
+    FAMILIES,
+    STUDY_DETECTORS,
+    DetectorConfig,
+    DetectorSpec,
+    Outcome,
+    error_text,
+    expand_detectors,
+    ranking_scores,
+)
+from stages.engine import EngineParams, dask_client, deadline, run_units
+from stages.errors import UserError, run_cli, setup_logging
+from stages.features import load_feature_set
+from stages.io import stable_hash, write_json_atomic
+from stages.params import Section, load_params, load_section, stage_args
+from stages.results_db import (
+    FINAL_NOT_DONE,
+    ExperimentRow,
+    open_db,
+    status_counts,
+    statuses,
+    upsert,
+)
+
+RETRY_ENV = "OOD_RETRY_FAILED"
+FEATURE_SETS_FILE = "feature_sets.json"
+
+log = logging.getLogger("stages.evaluate")
+
+
+class EvaluateParams(Section):
+    """The ``evaluate`` section of params.yaml."""
+
+    db_url: str = "sqlite:///results/results.sqlite"
+    summary: str = "results/evaluate_summary.json"
+    scratch: str = "cache/evaluate"  # timeout notes, fault reports (shared with workers)
+    seeds: Annotated[list[int], Field(min_length=1)] = [0]
+    timeout_s: Annotated[float, Field(gt=0)] | None = 600.0
+    retry_failed: bool = False
+    allow_test_detectors: bool = False
+    # auto: augmented=true only where augment.transforms[category] is non-empty;
+    # both: augmented true and false for every category (the study's 68,160); off: false only.
+    augmentation: Literal["auto", "both", "off"] = "auto"
+    detectors: Annotated[list[DetectorSpec], Field(min_length=1)] = Field(
+        default_factory=lambda: [DetectorSpec.model_validate(d) for d in STUDY_DETECTORS]
+    )
+    engine: EngineParams = EngineParams()
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("a seed is listed twice")
+        return value
+
+
+class FeatureSetEntry(Section):
+    """One line of ``<extract.out>/feature_sets.json`` (written by the extract stage)."""
+
+    model_config = {**Section.model_config, "extra": "ignore"}
+
+    category: str
+    backbone: str
+    init: str
+    layer: str
+    representation: str
+    folder: str
+    content_hash: str
+    n_rows: int | None = None
+    dim: int | None = None
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One experiment of a work unit."""
+
+    key: str
+    augmented: bool
+    detector: DetectorConfig
+    seed: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A work unit: one feature set and the experiments to run on it."""
+
+    features: FeatureSetEntry
+    experiments: tuple[Planned, ...]
+    timeout_s: float | None
+    notes: str  # folder of deadline notes, one ``<key>.json`` per timed-out experiment
+
+    def label(self) -> str:
+        f = self.features
+        return f"{f.category} {f.backbone}-{f.init} {f.layer} {f.representation}"
+
+
+# --- planning --------------------------------------------------------------------------------
+
+
+def experiment_key(
+    features: FeatureSetEntry, augmented: bool, detector: DetectorConfig, seed: int
+) -> str:
+    """Hash of the canonical experiment config and the feature set's content hash."""
+    return stable_hash(
+        {
+            "category": features.category,
+            "augmented": augmented,
+            "backbone": features.backbone,
+            "init": features.init,
+            "layer": features.layer,
+            "representation": features.representation,
+            "detector": detector.family,
+            "hyperparams": detector.kwargs,
+            "seed": seed,
+            "features": features.content_hash,
+        }
+    )
+
+
+def augmentation_choices(transforms: Sequence[str], policy: str) -> list[bool]:
+    if policy == "off":
+        return [False]
+    if policy == "both" or transforms:
+        return [False, True]
+    return [False]
+
+
+def plan(
+    feature_sets: Sequence[FeatureSetEntry],
+    transforms: dict[str, list[str]],
+    detectors: Sequence[DetectorConfig],
+    seeds: Sequence[int],
+    augmentation: str = "auto",
+) -> list[tuple[FeatureSetEntry, list[Planned]]]:
+    """Every experiment of the grid, grouped by feature set (the work unit)."""
+    units = []
+    for fs in feature_sets:
+        experiments = [
+            Planned(experiment_key(fs, aug, det, seed), aug, det, seed)
+            for aug in augmentation_choices(transforms.get(fs.category, []), augmentation)
+            for seed in seeds
+            for det in detectors
+        ]
+        units.append((fs, experiments))
+    return units
+
+
+def config_fields(features: FeatureSetEntry, exp: Planned) -> dict[str, Any]:
+    """The experiment's config as the typed columns of ``experiments``."""
+    return {
+        "category": features.category,
+        "augmented": exp.augmented,
+        "backbone": features.backbone,
+        "init": features.init,
+        "layer": features.layer,
+        "representation": features.representation,
+        "detector": exp.detector.family,
+        "hyperparams": json.dumps(exp.detector.kwargs, sort_keys=True),
+        "detector_name": exp.detector.name,
+        "seed": exp.seed,
+        "feature_hash": features.content_hash,
+    }
+
+
+# --- worker side -----------------------------------------------------------------------------
+
+
+def _row(features: FeatureSetEntry, exp: Planned, outcome: Outcome, y: np.ndarray,
+         fs_meta: dict[str, Any]) -> ExperimentRow:  # fmt: skip
+    row = ExperimentRow(
+        key=exp.key, config=config_fields(features, exp), status="failed",
+        fit_s=outcome.fit_s, score_s=outcome.score_s, error=outcome.error, **fs_meta,
+    )  # fmt: skip
+    if outcome.error is not None:
+        return row
+    scores = np.asarray(outcome.scores, dtype=np.float64)
+    if scores.shape != y.shape:
+        row.error = f"detector returned {scores.shape} scores for {y.shape[0]} test images"
+        return row
+    ranked = ranking_scores(scores)
+    both_classes = 0 < y.sum() < y.size
+    return replace(
+        row,
+        status="done",
+        auroc=float(roc_auc_score(y, ranked)) if both_classes else None,
+        average_precision=float(average_precision_score(y, ranked)) if both_classes else None,
+        n_nan=int(np.isnan(scores).sum()),
+        n_posinf=int(np.isposinf(scores).sum()),
+        n_neginf=int(np.isneginf(scores).sum()),
+        scores=scores.tolist(),
+    )
+
+
+def evaluate_unit(unit: Unit) -> list[ExperimentRow]:
+    """Run a unit's experiments (in a Dask worker): read the shards, fit, score, measure."""
+    features = unit.features
+    fs = load_feature_set(features.folder)
+    if fs.manifest.get("content_hash") != features.content_hash:
+        raise RuntimeError(
+            f"{features.folder}: content hash {fs.manifest.get('content_hash')} differs from "
+            f"{FEATURE_SETS_FILE} ({features.content_hash}); rerun the extract stage"
+        )
+    test = fs.rows("test")
+    X_test, y = fs.X[test], fs.is_anomaly[test].astype(bool)
+    per_image = {
+        "image_ids": fs.image_id[test].tolist(),
+        "defect_types": fs.defect_type[test].tolist(),
+        "is_anomaly": y.tolist(),
+    }
+    rows = []
+    group_by = lambda e: (e.augmented, e.seed, e.detector.family)  # noqa: E731
+    for (augmented, seed, family), group in groupby(unit.experiments, key=group_by):
+        group = list(group)
+        X_train = fs.X[fs.rows("train", augmented)]
+        meta = {"n_train": len(X_train), "n_test": len(X_test), "dim": fs.X.shape[1]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. LOF's n_neighbors > n_samples notice
+            outcomes = FAMILIES[family].score_grid(
+                X_train, X_test, [e.detector for e in group], seed
+            )
+            for exp in group:
+                with deadline(unit.timeout_s, Path(unit.notes) / f"{exp.key}.json"):
+                    outcome = next(outcomes)
+                row = _row(features, exp, outcome, y, meta)
+                if row.status == "done":
+                    row = replace(row, **per_image)
+                rows.append(row)
+    return rows
+
+
+# --- stage side ------------------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """Package version plus a hash of the evaluation code and scikit-learn's version."""
+    digest = hashlib.sha256(sklearn.__version__.encode())
+    for name in ("detectors.py", "engine.py", "evaluate.py"):
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return f"0.1.0+{digest.hexdigest()[:12]}"
+
+
+def read_feature_sets(path: Path) -> list[FeatureSetEntry]:
+    """The feature sets the extract stage finished, with folders made absolute."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; run the extract stage first") from None
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: not valid JSON; rerun the extract stage") from None
+    if not isinstance(raw, list):
+        raise UserError(f"{path}: expected a list of feature sets")
+    entries = []
+    for i, item in enumerate(raw):
+        try:
+            entry = FeatureSetEntry.model_validate(item)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise UserError(f"{path}: entry {i}: {where}: {err['msg']}") from None
+        folder = Path(entry.folder)
+        if not folder.is_absolute() and not folder.exists() and (path.parent / folder).exists():
+            folder = path.parent / folder
+        entries.append(entry.model_copy(update={"folder": str(folder.resolve())}))
+    return entries
+
+
+def retry_requested(params: EvaluateParams) -> bool:
+    return params.retry_failed or os.environ.get(RETRY_ENV, "") not in ("", "0", "false")
+
+
+class Recorder:
+    """The single writer: upserts rows as units finish and drives the progress bar."""
+
+    def __init__(self, engine: Any, total: int) -> None:
+        self.engine = engine
+        self.version = code_version()
+        self.counts: Counter[str] = Counter()
+        self.bar = tqdm(total=total, unit="exp", desc="evaluate", dynamic_ncols=True,
+                        mininterval=1.0, smoothing=0.05)  # fmt: skip
+
+    def record(self, rows: Sequence[ExperimentRow]) -> None:
+        upsert(self.engine, rows, self.version)
+        self.counts.update(r.status for r in rows)
+        self.bar.set_postfix({k: self.counts[k] for k in sorted(self.counts)}, refresh=False)
+        self.bar.update(len(rows))
+
+    def record_all(self, unit: Unit, status: str, error: str) -> None:
+        self.record(
+            [
+                ExperimentRow(e.key, config_fields(unit.features, e), status, error=error)
+                for e in unit.experiments
+            ]
+        )
+
+
+def _split(unit: Unit) -> list[Unit]:
+    half = len(unit.experiments) // 2
+    if half == 0:
+        return [unit]
+    return [
+        replace(unit, experiments=unit.experiments[:half]),
+        replace(unit, experiments=unit.experiments[half:]),
+    ]
+
+
+def _run(units: list[Unit], params: EvaluateParams, recorder: Recorder, client: Client) -> None:
+    notes = Path(units[0].notes)
+
+    def explain_death(unit: Unit) -> list[Unit] | None:
+        timed_out = [e for e in unit.experiments if (notes / f"{e.key}.json").exists()]
+        if not timed_out:
+            return None
+        for exp in timed_out:
+            log.info("timeout after %ss: %s on %s", params.timeout_s, exp.detector.name,
+                     unit.label())  # fmt: skip
+            recorder.record(
+                [
+                    ExperimentRow(
+                        exp.key, config_fields(unit.features, exp), "timeout",
+                        error=f"exceeded evaluate.timeout_s={params.timeout_s}; worker killed",
+                    )
+                ]
+            )  # fmt: skip
+            (notes / f"{exp.key}.json").unlink(missing_ok=True)
+        rest = tuple(e for e in unit.experiments if e not in timed_out)
+        return [replace(unit, experiments=rest)] if rest else []
+
+    def on_crash(unit: Unit, fault: str) -> None:
+        (exp,) = unit.experiments
+        log.info("crashed: %s on %s (%s)", exp.detector.name, unit.label(), fault)
+        recorder.record_all(unit, "crashed", f"worker process died: {fault}; "
+                            "confirmed by a rerun alone on the cluster")  # fmt: skip
+
+    def on_error(unit: Unit, exc: BaseException) -> None:
+        log.info("failed: %s: %s", unit.label(), error_text(exc))
+        recorder.record_all(unit, "failed", error_text(exc))
+
+    run_units(
+        client,
+        evaluate_unit,
+        units,
+        split=_split,
+        on_result=lambda unit, rows: recorder.record(rows),
+        on_error=on_error,
+        on_crash=on_crash,
+        explain_death=explain_death,
+        scratch=Path(params.scratch) / "faults",
+        threads=params.engine.threads_per_worker,
+        name="evaluate-unit",
+    )
+
+
+def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole evaluation; returns the summary written to ``summary``.
+
+    ``client``: an existing Dask client to use instead of ``evaluate.engine``.
+    """
+    params = load_section(params_path, "evaluate", EvaluateParams)
+    assert isinstance(params, EvaluateParams)
+    root = load_params(params_path)
+    extract_out = Path((root.extract or {}).get("out", "cache/features"))
+    feature_sets = read_feature_sets(extract_out / FEATURE_SETS_FILE)
+    detectors = expand_detectors(params.detectors, params.allow_test_detectors)
+    grid = plan(feature_sets, root.augment.transforms, detectors, params.seeds,
+                params.augmentation)  # fmt: skip
+    keys = [e.key for _, exps in grid for e in exps]
+    db = open_db(params.db_url)
+    try:
+        known = statuses(db, keys)
+        retry = retry_requested(params)
+        skip = {"done"} if retry else {"done", *FINAL_NOT_DONE}
+        notes = Path(params.scratch) / "timeouts"
+        notes.mkdir(parents=True, exist_ok=True)
+        for stale in notes.glob("*.json"):
+            stale.unlink()
+        units = []
+        for fs, exps in grid:
+            todo = tuple(e for e in exps if known.get(e.key) not in skip)
+            skipped = Counter(known[e.key] for e in exps if known.get(e.key) in skip)
+            if skipped:
+                what = ", ".join(f"{n} {s}" for s, n in sorted(skipped.items()))
+                log.info("skip %s: %s of %d (%d to run)", f"{fs.category} {fs.backbone}-"
+                         f"{fs.init} {fs.layer} {fs.representation}", what, len(exps),
+                         len(todo))  # fmt: skip
+            if todo:
+                units.append(Unit(fs, todo, params.timeout_s, str(notes.resolve())))
+        n_todo = sum(len(u.experiments) for u in units)
+        not_done = sum(1 for k in keys if known.get(k) in FINAL_NOT_DONE)
+        log.info("%d experiments in the grid (%d feature sets x %d detector configs x "
+                 "%d seeds, augmentation %s); %d to run", len(keys), len(feature_sets),
+                 len(detectors), len(params.seeds), params.augmentation, n_todo)  # fmt: skip
+        if not_done and not retry:
+            log.info("%d failed/crashed/timeout experiments are kept; set "
+                     "evaluate.retry_failed: true or %s=1 to retry them", not_done,
+                     RETRY_ENV)  # fmt: skip
+        started = time.perf_counter()
+        if units:
+            recorder = Recorder(db, n_todo)
+            try:
+                if client is not None:
+                    _run(units, params, recorder, client)
+                else:
+                    with dask_client(params.engine) as own:
+                        _run(units, params, recorder, own)
+            finally:
+                recorder.bar.close()
+        seconds = time.perf_counter() - started
+        counts = status_counts(db, keys)
+    finally:
+        db.dispose()
+    final = sum(counts.values())
+    summary = {
+        "experiments": len(keys),
+        **counts,
+        "pending": len(keys) - final,
+        "ran": n_todo,
+        "seconds": round(seconds, 3),
+        "experiments_per_s": round(n_todo / seconds, 3) if n_todo and seconds > 0 else None,
+    }
+    write_json_atomic(params.summary, summary)
+    log.info("%s", ", ".join(f"{k} {v}" for k, v in summary.items() if k in counts))
+    if summary["pending"]:
+        raise UserError(f"{summary['pending']} experiments have no final status; rerun")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = stage_args(__doc__.splitlines()[0], list(argv) if argv is not None else None)
+    setup_logging("evaluate")
+    evaluate(args.params)
+
+
+if __name__ == "__main__":
+    run_cli(main)

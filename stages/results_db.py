@@ -1,0 +1,296 @@
+"""The results store: SQLAlchemy 2.0 models, engine creation, the single writer's upsert.
+
+Tables:
+
+* ``experiments``: one row per experiment, unique on ``key`` (hash of the canonical config
+  and the feature set's content hash), one typed, indexed column per config field, the
+  matrix shape, the final status (done, failed, crashed, timeout) and the metrics.
+* ``images``: one row per test image of a category (shared by all its experiments).
+* ``scores``: the per-image test score of every done experiment (NULL where the score was
+  NaN, since SQLite cannot store NaN; ``±inf`` are stored as they are).
+
+Only the stage process writes (workers return results to it), so upserts are plain
+select-then-insert/update inside one transaction per work unit, which works the same on
+SQLite and PostgreSQL and is idempotent on ``key``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from stages.errors import UserError
+
+STATUSES = ("done", "failed", "crashed", "timeout")
+FINAL_NOT_DONE = ("failed", "crashed", "timeout")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Experiment(Base):
+    """One experiment: config fields, matrix shape, outcome and bookkeeping."""
+
+    __tablename__ = "experiments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    # Config fields, one typed and indexed column each.
+    category: Mapped[str] = mapped_column(String(64), index=True)
+    augmented: Mapped[bool] = mapped_column(Boolean, index=True)
+    backbone: Mapped[str] = mapped_column(String(64), index=True)
+    init: Mapped[str] = mapped_column(String(32), index=True)
+    layer: Mapped[str] = mapped_column(String(64), index=True)
+    representation: Mapped[str] = mapped_column(String(64), index=True)
+    detector: Mapped[str] = mapped_column(String(64), index=True)
+    hyperparams: Mapped[str] = mapped_column(String(512), index=True)  # canonical JSON
+    detector_name: Mapped[str] = mapped_column(String(600), index=True)  # readable label
+    seed: Mapped[int] = mapped_column(Integer, index=True)
+    feature_hash: Mapped[str] = mapped_column(String(128), index=True)
+    # Shape of the matrices the detector saw.
+    n_train: Mapped[int | None] = mapped_column(Integer)
+    n_test: Mapped[int | None] = mapped_column(Integer)
+    dim: Mapped[int | None] = mapped_column(Integer)
+    # Outcome.
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    auroc: Mapped[float | None] = mapped_column(Float)
+    average_precision: Mapped[float | None] = mapped_column(Float)
+    fit_s: Mapped[float | None] = mapped_column(Float)
+    score_s: Mapped[float | None] = mapped_column(Float)
+    n_nan: Mapped[int | None] = mapped_column(Integer)
+    n_posinf: Mapped[int | None] = mapped_column(Integer)
+    n_neginf: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    code_version: Mapped[str] = mapped_column(String(64))
+
+
+class Image(Base):
+    """A test image of a category, as named in the feature shards."""
+
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("category", "image_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    category: Mapped[str] = mapped_column(String(64))
+    image_id: Mapped[str] = mapped_column(String(256))
+    defect_type: Mapped[str] = mapped_column(String(64))
+    is_anomaly: Mapped[bool] = mapped_column(Boolean)
+
+
+class Score(Base):
+    """The anomaly score (higher = more anomalous) of one test image in one experiment."""
+
+    __tablename__ = "scores"
+    __table_args__ = (Index("ix_scores_image", "image"),)
+
+    experiment: Mapped[int] = mapped_column(
+        ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True
+    )
+    image: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    score: Mapped[float | None] = mapped_column(Float)
+
+
+@dataclass
+class ExperimentRow:
+    """What the stage writes for one experiment (config fields + outcome)."""
+
+    key: str
+    config: dict[str, Any]  # category, augmented, backbone, ..., seed, feature_hash
+    status: str
+    n_train: int | None = None
+    n_test: int | None = None
+    dim: int | None = None
+    auroc: float | None = None
+    average_precision: float | None = None
+    fit_s: float | None = None
+    score_s: float | None = None
+    n_nan: int | None = None
+    n_posinf: int | None = None
+    n_neginf: int | None = None
+    error: str | None = None
+    # Per test image (done only): image ids, defect types, labels, scores.
+    image_ids: Sequence[str] = field(default_factory=list)
+    defect_types: Sequence[str] = field(default_factory=list)
+    is_anomaly: Sequence[bool] = field(default_factory=list)
+    scores: Sequence[float] = field(default_factory=list)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the one writer
+    cursor.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, safe
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def open_db(url: str) -> Engine:
+    """Engine for ``url`` (SQLite in WAL mode, or any SQLAlchemy URL); creates the tables."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UserError(f"evaluate.db_url: not a database URL: {url!r}") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = create_engine(parsed)
+    except (ImportError, ArgumentError) as exc:
+        raise UserError(f"evaluate.db_url: cannot use {url!r}: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    try:
+        Base.metadata.create_all(engine)
+    except SQLAlchemyError as exc:
+        raise UserError(f"evaluate.db_url: cannot open {url!r}: {exc.__class__.__name__}") from None
+    return engine
+
+
+def statuses(engine: Engine, keys: Iterable[str] | None = None) -> dict[str, str]:
+    """``key -> status`` of stored experiments (all, or those among ``keys``)."""
+    with Session(engine) as session:
+        rows = session.execute(select(Experiment.key, Experiment.status)).all()
+    wanted = None if keys is None else set(keys)
+    return {k: s for k, s in rows if wanted is None or k in wanted}
+
+
+def status_counts(engine: Engine, keys: Iterable[str] | None = None) -> dict[str, int]:
+    """Number of experiments per status (all, or those among ``keys``)."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for status in statuses(engine, keys).values():
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def experiments(engine: Engine) -> list[dict[str, Any]]:
+    """Every experiment row as a dict (ordered by key)."""
+    cols = Experiment.__table__.columns
+    with Session(engine) as session:
+        rows = session.execute(select(*cols).order_by(Experiment.key)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def scores_of(engine: Engine, key: str) -> dict[str, float | None]:
+    """``image_id -> score`` of one experiment (empty unless it is done)."""
+    query = (
+        select(Image.image_id, Score.score)
+        .join(Score, Score.image == Image.id)
+        .join(Experiment, Experiment.id == Score.experiment)
+        .where(Experiment.key == key)
+    )
+    with Session(engine) as session:
+        return dict(session.execute(query).tuples().all())
+
+
+def score_row_count(engine: Engine) -> int:
+    with Session(engine) as session:
+        return session.execute(select(func.count()).select_from(Score)).scalar_one()
+
+
+def _image_ids(session: Session, rows: Sequence[ExperimentRow]) -> dict[tuple[str, str], int]:
+    wanted: dict[tuple[str, str], tuple[str, bool]] = {}
+    for row in rows:
+        category = row.config["category"]
+        for image, defect, label in zip(row.image_ids, row.defect_types, row.is_anomaly,
+                                        strict=True):  # fmt: skip
+            wanted[(category, image)] = (defect, bool(label))
+    if not wanted:
+        return {}
+    query = select(Image.id, Image.category, Image.image_id).where(
+        Image.category.in_({c for c, _ in wanted})
+    )
+    known = {(c, i): pk for pk, c, i in session.execute(query)}
+    missing = [k for k in wanted if k not in known]
+    if missing:
+        session.execute(insert(Image), [
+            {"category": c, "image_id": i, "defect_type": wanted[(c, i)][0],
+             "is_anomaly": wanted[(c, i)][1]}
+            for c, i in missing
+        ])  # fmt: skip
+        known = {(c, i): pk for pk, c, i in session.execute(query)}
+    return known
+
+
+def _db_float(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def upsert(engine: Engine, rows: Sequence[ExperimentRow], code_version: str) -> None:
+    """Insert or update experiments (by key) and replace their scores, in one transaction."""
+    if not rows:
+        return
+    now = datetime.now(UTC)
+    with Session(engine) as session, session.begin():
+        keys = [r.key for r in rows]
+        existing = {
+            e.key: e for e in session.scalars(select(Experiment).where(Experiment.key.in_(keys)))
+        }
+        images = _image_ids(session, [r for r in rows if r.status == "done"])
+        by_key: dict[str, Experiment] = {}
+        for row in rows:
+            values = {
+                **row.config,
+                "status": row.status,
+                "n_train": row.n_train,
+                "n_test": row.n_test,
+                "dim": row.dim,
+                "auroc": _db_float(row.auroc),
+                "average_precision": _db_float(row.average_precision),
+                "fit_s": row.fit_s,
+                "score_s": row.score_s,
+                "n_nan": row.n_nan,
+                "n_posinf": row.n_posinf,
+                "n_neginf": row.n_neginf,
+                "error": row.error,
+                "updated_at": now,
+                "code_version": code_version,
+            }
+            exp = existing.get(row.key)
+            if exp is None:
+                exp = Experiment(key=row.key, attempts=1, created_at=now, **values)
+                session.add(exp)
+            else:
+                for name, value in values.items():
+                    setattr(exp, name, value)
+                exp.attempts = (exp.attempts or 0) + 1
+            by_key[row.key] = exp
+        session.flush()
+        ids = [by_key[r.key].id for r in rows]
+        session.execute(delete(Score).where(Score.experiment.in_(ids)))
+        score_rows = [
+            {"experiment": by_key[r.key].id, "image": images[(r.config["category"], image)],
+             "score": _db_float(value)}
+            for r in rows
+            if r.status == "done"
+            for image, value in zip(r.image_ids, r.scores, strict=True)
+        ]  # fmt: skip
+        if score_rows:
+            session.execute(insert(Score), score_rows)
