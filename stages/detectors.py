@@ -141,12 +141,22 @@ class DetectorConfig:
 
 @dataclass
 class Outcome:
-    """The result of one config on one matrix: test scores or the error that stopped it."""
+    """The result of one config on one matrix: test scores or the error that stopped it.
+
+    ``train_scores``: the fitted model's scores of its own training rows (same orientation,
+    higher = more anomalous), from which the evaluate stage sets a threshold without test
+    labels. They are in-sample, so optimistic for memorising detectors: a KDE or LOF sees
+    the point itself (its density includes its own kernel; a neighbour at distance 0), so
+    training scores are lower than those of unseen good images and a quantile of them
+    flags more test images than its nominal rate. ``None`` where they could not be
+    computed; ``score_s`` times the test scores only.
+    """
 
     scores: np.ndarray | None
     fit_s: float = 0.0
     score_s: float = 0.0
     error: str | None = None
+    train_scores: np.ndarray | None = None
 
 
 def error_text(exc: BaseException) -> str:
@@ -154,6 +164,19 @@ def error_text(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     return f"{''.join(traceback.format_exception_only(exc)).strip()}{where}"[:2000]
+
+
+def train_scores(model: BaseEstimator, X_train: np.ndarray) -> np.ndarray | None:
+    """In-sample scores of a fitted model (higher = more anomalous); ``None`` if it fails.
+
+    A failure here leaves the test scores valid: only the honest threshold is then missing.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return -np.asarray(model.score_samples(X_train), dtype=np.float64)
+    except Exception:
+        return None
 
 
 class Family:
@@ -173,7 +196,8 @@ class Family:
         """Yield one ``Outcome`` per config, in the order given (callers time each step).
 
         Default: fit one estimator per config. Errors are caught per config so one bad
-        config fails alone.
+        config fails alone. An override should also fill ``Outcome.train_scores`` (the
+        training rows' scores); left ``None``, the honest threshold metrics stay NULL.
         """
         for config in configs:
             yield self.score_one(X_train, X_test, config, seed)
@@ -189,9 +213,10 @@ class Family:
                 model = self.estimator(config.kwargs, seed).fit(X_train)
                 t1 = time.perf_counter()
                 scores = -np.asarray(model.score_samples(X_test), dtype=np.float64)
+                t2 = time.perf_counter()
         except Exception as exc:  # one config's failure is data, not a stage failure
             return Outcome(None, time.perf_counter() - t0, 0.0, error_text(exc))
-        return Outcome(scores, t1 - t0, time.perf_counter() - t1)
+        return Outcome(scores, t1 - t0, t2 - t1, train_scores=train_scores(model, X_train))
 
 
 class SklearnFamily(Family):

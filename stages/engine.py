@@ -77,6 +77,8 @@ def _dask_config(params: EngineParams) -> dict[str, Any]:
         "distributed.scheduler.allowed-failures": params.allowed_failures,
         # One task per worker thread, so a dying worker takes no queued innocents with it.
         "distributed.scheduler.worker-saturation": 1.0,
+        # Workers may start processes of their own (the extraction's DataLoader workers).
+        "distributed.worker.daemon": False,
     }
 
 
@@ -100,7 +102,8 @@ def dask_client(params: EngineParams) -> Iterator[Client]:
                 processes=True,
                 dashboard_address=":0",  # the HTTP server starts anyway: a free port
                 scheduler_kwargs={"dashboard": False},
-                silence_logs=logging.ERROR,
+                # Task errors come back to the stage, which reports them in its own words.
+                silence_logs=logging.CRITICAL,
                 env=thread_env(params.threads_per_worker),
             ) as cluster,
             Client(cluster) as client,

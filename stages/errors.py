@@ -21,6 +21,8 @@ def setup_logging(stage: str) -> logging.Logger:
     logging.basicConfig(
         level=logging.INFO, format=f"{stage}: %(message)s", stream=sys.stderr, force=True
     )
+    for chatty in ("distributed", "dask", "tornado", "asyncio"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)  # cluster start-up is not news
     return logging.getLogger(f"stages.{stage}")
 
 

@@ -3,14 +3,17 @@
 An experiment is category x augmented x extractor (backbone, init, layer, representation)
 x detector config x seed. It fits on the train good images (originals, plus the augmented
 copies when augmented) and scores every test image; higher score = more anomalous, AUROC
-and average precision with anomalies as the positive class.
+and average precision with anomalies as the positive class, plus F1, precision, recall,
+accuracy and the confusion matrix at an honest threshold (a quantile of the training
+images' in-sample scores) and at the oracle max-F1 threshold (``stages.metrics``).
 
 A work unit is one feature set with all its pending experiments (both augmentation
 choices); Dask workers read its Parquet shards themselves and return rows; this process is
 the only writer of the database and upserts each unit's rows as it arrives, so a killed
-run resumes where it stopped: ``done`` experiments are never recomputed, and
-failed/crashed/timeout ones are retried only with ``evaluate.retry_failed: true`` or
-``OOD_RETRY_FAILED=1``. The stage exits 0 once every experiment has a final status.
+run resumes where it stopped: ``done`` experiments are not recomputed (unless stored
+with another ``threshold_quantile``), and failed/crashed/timeout ones are retried only
+with ``evaluate.retry_failed: true`` or ``OOD_RETRY_FAILED=1``. The stage exits 0 once
+every experiment has a final status.
 
     python -m stages.evaluate [--params params.yaml]
 
@@ -22,6 +25,10 @@ Params (section ``evaluate``; the feature sets come from ``<extract.out>/feature
 - ``scratch`` (``cache/evaluate``): timeout notes and fault reports; must be on a filesystem
   shared with the workers, like the feature shards.
 - ``seeds`` ([0]); ``timeout_s`` (600, null = none): per experiment, fit + score.
+- ``threshold_quantile`` (0.99): the honest threshold is this quantile of the training
+  images' scores, so about ``1 - q`` of the good training images score above it. Training
+  scores are in-sample (a KDE or LOF sees the point itself), so unseen good images exceed
+  it more often. Done experiments stored with another quantile are rerun.
 - ``retry_failed`` (false; or env ``OOD_RETRY_FAILED=1``): rerun failed/crashed/timeout.
 - ``allow_test_detectors`` (false): enables the test-only ``crash`` and ``hang`` families.
 - ``augmentation`` (``auto``): ``auto`` = augmented true and false where the category has
@@ -73,6 +80,7 @@ from stages.engine import EngineParams, dask_client, deadline, run_units
 from stages.errors import UserError, run_cli, setup_logging
 from stages.features import load_feature_set
 from stages.io import stable_hash, write_json_atomic
+from stages.metrics import threshold_metrics
 from stages.params import Section, load_params, load_section, stage_args
 from stages.results_db import (
     FINAL_NOT_DONE,
@@ -80,6 +88,7 @@ from stages.results_db import (
     open_db,
     status_counts,
     statuses,
+    threshold_quantiles,
     upsert,
 )
 
@@ -97,6 +106,7 @@ class EvaluateParams(Section):
     scratch: str = "cache/evaluate"  # timeout notes, fault reports (shared with workers)
     seeds: Annotated[list[int], Field(min_length=1)] = [0]
     timeout_s: Annotated[float, Field(gt=0)] | None = 600.0
+    threshold_quantile: Annotated[float, Field(gt=0, lt=1)] = 0.99
     retry_failed: bool = False
     allow_test_detectors: bool = False
     # auto: augmented=true only where augment.transforms[category] is non-empty;
@@ -149,6 +159,7 @@ class Unit:
     experiments: tuple[Planned, ...]
     timeout_s: float | None
     notes: str  # folder of deadline notes, one ``<key>.json`` per timed-out experiment
+    threshold_quantile: float = 0.99
 
     def label(self) -> str:
         f = self.features
@@ -227,7 +238,7 @@ def config_fields(features: FeatureSetEntry, exp: Planned) -> dict[str, Any]:
 
 
 def _row(features: FeatureSetEntry, exp: Planned, outcome: Outcome, y: np.ndarray,
-         fs_meta: dict[str, Any]) -> ExperimentRow:  # fmt: skip
+         fs_meta: dict[str, Any], quantile: float) -> ExperimentRow:  # fmt: skip
     row = ExperimentRow(
         key=exp.key, config=config_fields(features, exp), status="failed",
         fit_s=outcome.fit_s, score_s=outcome.score_s, error=outcome.error, **fs_meta,
@@ -248,8 +259,10 @@ def _row(features: FeatureSetEntry, exp: Planned, outcome: Outcome, y: np.ndarra
         n_nan=int(np.isnan(scores).sum()),
         n_posinf=int(np.isposinf(scores).sum()),
         n_neginf=int(np.isneginf(scores).sum()),
+        thresholds={"threshold_quantile": quantile,
+                    **threshold_metrics(y, scores, outcome.train_scores, quantile)},
         scores=scores.tolist(),
-    )
+    )  # fmt: skip
 
 
 def evaluate_unit(unit: Unit) -> list[ExperimentRow]:
@@ -282,7 +295,7 @@ def evaluate_unit(unit: Unit) -> list[ExperimentRow]:
             for exp in group:
                 with deadline(unit.timeout_s, Path(unit.notes) / f"{exp.key}.json"):
                     outcome = next(outcomes)
-                row = _row(features, exp, outcome, y, meta)
+                row = _row(features, exp, outcome, y, meta, unit.threshold_quantile)
                 if row.status == "done":
                     row = replace(row, **per_image)
                 rows.append(row)
@@ -295,7 +308,7 @@ def evaluate_unit(unit: Unit) -> list[ExperimentRow]:
 def code_version() -> str:
     """Package version plus a hash of the evaluation code and scikit-learn's version."""
     digest = hashlib.sha256(sklearn.__version__.encode())
-    for name in ("detectors.py", "engine.py", "evaluate.py"):
+    for name in ("detectors.py", "engine.py", "evaluate.py", "metrics.py"):
         digest.update((Path(__file__).parent / name).read_bytes())
     return f"0.1.0+{digest.hexdigest()[:12]}"
 
@@ -428,6 +441,13 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
     db = open_db(params.db_url)
     try:
         known = statuses(db, keys)
+        stale = [k for k, q in threshold_quantiles(db, keys).items()
+                 if q != params.threshold_quantile]  # fmt: skip
+        for key in stale:
+            known[key] = "stale"  # threshold metrics of another quantile: rerun
+        if stale:
+            log.info("%d done experiments have threshold metrics of another "
+                     "threshold_quantile; rerunning them", len(stale))  # fmt: skip
         retry = retry_requested(params)
         skip = {"done"} if retry else {"done", *FINAL_NOT_DONE}
         notes = Path(params.scratch) / "timeouts"
@@ -444,7 +464,8 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
                          f"{fs.init} {fs.layer} {fs.representation}", what, len(exps),
                          len(todo))  # fmt: skip
             if todo:
-                units.append(Unit(fs, todo, params.timeout_s, str(notes.resolve())))
+                units.append(Unit(fs, todo, params.timeout_s, str(notes.resolve()),
+                                  params.threshold_quantile))  # fmt: skip
         n_todo = sum(len(u.experiments) for u in units)
         not_done = sum(1 for k in keys if known.get(k) in FINAL_NOT_DONE)
         log.info("%d experiments in the grid (%d feature sets x %d detector configs x "
@@ -492,4 +513,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    # Run the imported module's main, not __main__'s: work units sent to Dask workers (and
+    # on to DataLoader processes) must pickle by reference to ``stages.evaluate``.
+    from stages import evaluate as stage
+
+    run_cli(stage.main)

@@ -40,6 +40,7 @@ Params (section ``extract``):
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -63,6 +64,7 @@ from stages.backbones import (
     preprocessing,
     represent,
 )
+from stages.engine import EngineParams, dask_client, run_units
 from stages.errors import UserError, run_cli, setup_logging
 from stages.features import (
     META_COLUMNS,
@@ -105,6 +107,11 @@ class ExtractParams(Section):
     dtype: Literal["float32", "float16"] = "float32"
     crop: bool = True
     extractors: Annotated[list[ExtractorParams], Field(min_length=1)]
+    torch_threads: Annotated[int, Field(ge=1)] = 2  # intra-op threads of one forward pass
+    # Work units run on Dask like the evaluation's: by default one local worker running one
+    # unit at a time (torch's tracing is not thread-safe, so keep threads_per_worker 1);
+    # ``address`` sends them to a running scheduler instead.
+    engine: EngineParams = EngineParams(n_workers=1, threads_per_worker=1)
 
 
 def _check_extractors(params: ExtractParams) -> None:
@@ -180,6 +187,8 @@ class WorkUnit:
     shard_rows: int = 256
     dtype: str = "float32"
     crop: bool = True
+    workdir: str = "."  # relative image paths in the indexes are relative to this
+    torch_threads: int = 2
 
     def extractor_config(self, layer: str, representation: str) -> dict[str, Any]:
         """What determines a feature set's values (hashed into its shards and manifest)."""
@@ -200,7 +209,9 @@ def work_units(params_path: str | Path) -> list[WorkUnit]:
     """The stage's work units (category x backbone x init) from params.yaml."""
     params = load_params(params_path)
     extract = load_extract_params(params_path)
-    augment_index = str(Path(params.augment.out) / "index.parquet")
+    # Absolute paths: a Dask worker may run in another directory (or on another machine
+    # that mounts the same filesystem at the same place).
+    augment_index = str((Path(params.augment.out) / "index.parquet").resolve())
     return [
         WorkUnit(
             category=category,
@@ -208,15 +219,17 @@ def work_units(params_path: str | Path) -> list[WorkUnit]:
             init=extractor.init,
             layers=tuple(extractor.layers),
             representations=tuple(extractor.representations),
-            index=params.data.index,
+            index=str(Path(params.data.index).resolve()),
             augment_index=augment_index,
-            out=extract.out,
+            out=str(Path(extract.out).resolve()),
             seed=extract.seed,
             batch_size=extract.batch_size,
             num_workers=extract.num_workers,
             shard_rows=extract.shard_rows,
             dtype=extract.dtype,
             crop=extract.crop,
+            workdir=str(Path.cwd()),
+            torch_threads=extract.torch_threads,
         )
         for category in params.data.categories
         for extractor in extract.extractors
@@ -253,6 +266,8 @@ def unit_rows(unit: WorkUnit) -> dict[str, list[Any]]:
             }
             for r in augmented
         ]
+    for r in rows:
+        r["path"] = str(Path(unit.workdir) / r["path"])  # absolute paths stay as they are
     return {c: [r[c] for r in rows] for c in ROW_COLUMNS}
 
 
@@ -335,7 +350,7 @@ def extract_unit(unit: WorkUnit | dict[str, Any]) -> dict[str, Any]:
     if isinstance(unit, dict):
         unit = WorkUnit(
             **{
-                **unit,
+                **{k: v for k, v in unit.items() if not k.startswith("_")},
                 "layers": tuple(unit["layers"]),
                 "representations": tuple(unit["representations"]),
             }
@@ -370,6 +385,7 @@ def extract_unit(unit: WorkUnit | dict[str, Any]) -> dict[str, Any]:
         "images": len(rows["image_id"]),
         "images_computed": sum(len(chunks[k]) for k in pending),
         "shards_skipped": skipped,
+        "shards_total": len(chunks) * len(sets),
         "seconds": round(time.perf_counter() - started, 3),
         "feature_sets": entries,
     }
@@ -384,10 +400,17 @@ def _compute(
 ) -> None:
     """Forward the images of ``chunks``; write each chunk's missing shards as it completes."""
     model = build_extractor(unit.backbone, unit.init, list(unit.layers), seed=unit.seed)
+    torch.set_num_threads(unit.torch_threads)
+    num_workers = unit.num_workers
+    if num_workers and multiprocessing.current_process().daemon:
+        # A daemonic Dask worker may not start processes (remote workers: start them
+        # with DASK_DISTRIBUTED__WORKER__DAEMON=False to decode in parallel).
+        log.info("%s: daemonic worker process, decoding images in the main process", name)
+        num_workers = 0
     loader = DataLoader(
         _Images(rows["path"], unit.backbone, unit.crop),
         batch_sampler=_batches(chunks, unit.batch_size),
-        num_workers=unit.num_workers,
+        num_workers=num_workers,
     )
     chunk_of = {i: k for k, chunk in enumerate(chunks) for i in chunk}
     writers: dict[tuple[int, int], ShardWriter] = {}
@@ -462,26 +485,77 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = stage_args("Extract backbone features of every image into Parquet feature sets.", argv)
     setup_logging("extract")
     units = work_units(args.params)
+    engine = load_extract_params(args.params).engine
     out = Path(units[0].out)
     removed = remove_stale_temps(out)
     if removed:
         log.info("removed %d unfinished temp files of an interrupted run", removed)
-    entries = []
-    for unit in units:
-        summary = extract_unit(asdict(unit))
+    summaries: dict[int, dict[str, Any]] = {}
+    failures: list[str] = []
+
+    def on_result(unit: dict[str, Any], summary: dict[str, Any]) -> None:
+        summaries[unit["_position"]] = summary
+        if summary["shards_skipped"]:  # said here: worker logs do not reach the stage's log
+            log.info(
+                "%s %s-%s: %d of %d shards already done, skipped",
+                summary["category"],
+                summary["backbone"],
+                summary["init"],
+                summary["shards_skipped"],
+                summary["shards_total"],
+            )
         log.info(
-            "%s %s-%s: %d images, %d computed, %.1f s",
-            unit.category,
-            unit.backbone,
-            unit.init,
+            "%s %s-%s: %d images, %d computed, %.1f s (%d of %d work units finished)",
+            summary["category"],
+            summary["backbone"],
+            summary["init"],
             summary["images"],
             summary["images_computed"],
             summary["seconds"],
+            len(summaries),
+            len(units),
         )
-        entries += summary["feature_sets"]
+
+    def on_error(unit: dict[str, Any], exc: BaseException) -> None:
+        if isinstance(exc, UserError):
+            raise exc
+        failures.append(f"{unit['category']} {unit['backbone']}-{unit['init']}: {exc!r}")
+
+    def on_crash(unit: dict[str, Any], signal: str) -> None:
+        failures.append(
+            f"{unit['category']} {unit['backbone']}-{unit['init']}: worker died, {signal}"
+        )
+
+    with dask_client(engine) as client:
+        run_units(
+            client,
+            extract_unit,
+            [{**asdict(u), "_position": i} for i, u in enumerate(units)],
+            split=lambda unit: [unit],
+            on_result=on_result,
+            on_error=on_error,
+            on_crash=on_crash,
+            scratch=out / ".engine",
+            threads=units[0].torch_threads,
+            name="extract",
+        )
+    if failures:
+        raise UserError(
+            f"{len(failures)} extraction work unit(s) failed, first: {failures[0]} "
+            "(finished shards are kept; rerun to continue)"
+        )
+    entries = [e for i in range(len(units)) for e in summaries[i]["feature_sets"]]
+    for entry in entries:  # listed relative to the project, like every path in params
+        folder = Path(entry["folder"])
+        if folder.is_relative_to(Path.cwd()):
+            entry["folder"] = str(folder.relative_to(Path.cwd()))
     write_json_atomic(out / FEATURE_SETS_LIST, entries)
     log.info("%d feature sets listed in %s", len(entries), out / FEATURE_SETS_LIST)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    # Run the imported module's main, not __main__'s: work units sent to Dask workers (and
+    # on to DataLoader processes) must pickle by reference to ``stages.extract``.
+    from stages import extract as stage
+
+    run_cli(stage.main)

@@ -4,14 +4,19 @@ Tables:
 
 * ``experiments``: one row per experiment, unique on ``key`` (hash of the canonical config
   and the feature set's content hash), one typed, indexed column per config field, the
-  matrix shape, the final status (done, failed, crashed, timeout) and the metrics.
+  matrix shape, the final status (done, failed, crashed, timeout) and the metrics: AUROC,
+  average precision, and F1/precision/recall/accuracy/TP/FP/TN/FN at two thresholds,
+  ``*_honest`` (a quantile ``threshold_quantile`` of the training scores, no test label
+  used) and ``*_oracle`` (the test set's max-F1 threshold, an upper bound); see
+  ``stages.metrics``. An image is predicted anomalous iff its score > the threshold.
 * ``images``: one row per test image of a category (shared by all its experiments).
 * ``scores``: the per-image test score of every done experiment (NULL where the score was
   NaN, since SQLite cannot store NaN; ``±inf`` are stored as they are).
 
 Only the stage process writes (workers return results to it), so upserts are plain
 select-then-insert/update inside one transaction per work unit, which works the same on
-SQLite and PostgreSQL and is idempotent on ``key``.
+SQLite and PostgreSQL and is idempotent on ``key``. ``open_db`` adds columns that a
+database written by an older version lacks (all such columns are nullable).
 """
 
 from __future__ import annotations
@@ -38,15 +43,22 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from stages.errors import UserError
+from stages.metrics import THRESHOLD_FIELDS, THRESHOLD_KINDS
 
 STATUSES = ("done", "failed", "crashed", "timeout")
+THRESHOLD_COLUMNS = (
+    "threshold_quantile",
+    *(f"{name}_{kind}" for kind in THRESHOLD_KINDS for name in THRESHOLD_FIELDS),
+)
 FINAL_NOT_DONE = ("failed", "crashed", "timeout")
 
 
@@ -86,6 +98,26 @@ class Experiment(Base):
     n_nan: Mapped[int | None] = mapped_column(Integer)
     n_posinf: Mapped[int | None] = mapped_column(Integer)
     n_neginf: Mapped[int | None] = mapped_column(Integer)
+    # Threshold metrics (done only); predicted anomalous iff score > threshold.
+    threshold_quantile: Mapped[float | None] = mapped_column(Float)
+    threshold_honest: Mapped[float | None] = mapped_column(Float)
+    f1_honest: Mapped[float | None] = mapped_column(Float)
+    precision_honest: Mapped[float | None] = mapped_column(Float)
+    recall_honest: Mapped[float | None] = mapped_column(Float)
+    accuracy_honest: Mapped[float | None] = mapped_column(Float)
+    tp_honest: Mapped[int | None] = mapped_column(Integer)
+    fp_honest: Mapped[int | None] = mapped_column(Integer)
+    tn_honest: Mapped[int | None] = mapped_column(Integer)
+    fn_honest: Mapped[int | None] = mapped_column(Integer)
+    threshold_oracle: Mapped[float | None] = mapped_column(Float)
+    f1_oracle: Mapped[float | None] = mapped_column(Float)
+    precision_oracle: Mapped[float | None] = mapped_column(Float)
+    recall_oracle: Mapped[float | None] = mapped_column(Float)
+    accuracy_oracle: Mapped[float | None] = mapped_column(Float)
+    tp_oracle: Mapped[int | None] = mapped_column(Integer)
+    fp_oracle: Mapped[int | None] = mapped_column(Integer)
+    tn_oracle: Mapped[int | None] = mapped_column(Integer)
+    fn_oracle: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -137,6 +169,8 @@ class ExperimentRow:
     n_posinf: int | None = None
     n_neginf: int | None = None
     error: str | None = None
+    # ``threshold_quantile`` and ``<field>_<honest|oracle>`` (``THRESHOLD_COLUMNS``).
+    thresholds: dict[str, float | int | None] = field(default_factory=dict)
     # Per test image (done only): image ids, defect types, labels, scores.
     image_ids: Sequence[str] = field(default_factory=list)
     defect_types: Sequence[str] = field(default_factory=list)
@@ -153,13 +187,20 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def open_db(url: str) -> Engine:
-    """Engine for ``url`` (SQLite in WAL mode, or any SQLAlchemy URL); creates the tables."""
+def open_db(url: str, read_only: bool = False) -> Engine:
+    """Engine for ``url`` (SQLite in WAL mode, or any SQLAlchemy URL); creates the tables.
+
+    ``read_only``: for readers of the evaluate stage's output (report, queries): the
+    database must exist with every table and column; nothing is created or altered.
+    """
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise UserError(f"evaluate.db_url: not a database URL: {url!r}") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        if read_only and not Path(parsed.database).is_file():
+            raise UserError(f"{parsed.database}: results database not found (evaluate.db_url; "
+                            "run the evaluate stage first)")  # fmt: skip
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     try:
         engine = create_engine(parsed)
@@ -168,10 +209,51 @@ def open_db(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
-        Base.metadata.create_all(engine)
+        if read_only:
+            _check_schema(engine, url)
+        else:
+            Base.metadata.create_all(engine)
+            _add_missing_columns(engine)
     except SQLAlchemyError as exc:
         raise UserError(f"evaluate.db_url: cannot open {url!r}: {exc.__class__.__name__}") from None
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` for nullable columns an older database lacks."""
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in inspect(engine).get_columns(table.name)}
+        missing = [c for c in table.columns if c.name not in present]
+        if not missing:
+            continue
+        with engine.begin() as conn:
+            for column in missing:
+                if not column.nullable:
+                    raise UserError(f"{engine.url}: table {table.name} lacks column "
+                                    f"{column.name}; recreate the database")  # fmt: skip
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+
+
+def _check_schema(engine: Engine, url: str) -> None:
+    """``UserError`` unless every table and column of the models exists."""
+    inspector = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            raise UserError(f"{url}: no table {table.name}; run the evaluate stage first")
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        missing = [c.name for c in table.columns if c.name not in present]
+        if missing:
+            raise UserError(f"{url}: table {table.name} lacks {', '.join(missing)} (written by "
+                            "an older evaluate stage); rerun the evaluate stage")  # fmt: skip
+
+
+def threshold_quantiles(engine: Engine, keys: Iterable[str]) -> dict[str, float | None]:
+    """``key -> threshold_quantile`` of stored done experiments among ``keys``."""
+    wanted = set(keys)
+    query = select(Experiment.key, Experiment.threshold_quantile).where(Experiment.status == "done")
+    with Session(engine) as session:
+        return {k: q for k, q in session.execute(query) if k in wanted}
 
 
 def statuses(engine: Engine, keys: Iterable[str] | None = None) -> dict[str, str]:
@@ -207,7 +289,7 @@ def scores_of(engine: Engine, key: str) -> dict[str, float | None]:
         .where(Experiment.key == key)
     )
     with Session(engine) as session:
-        return dict(session.execute(query).tuples().all())
+        return {image: score for image, score in session.execute(query)}
 
 
 def score_row_count(engine: Engine) -> int:
@@ -243,6 +325,10 @@ def _db_float(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
+def _db_value(value: float | int | None) -> float | int | None:
+    return _db_float(value) if isinstance(value, float) else value
+
+
 def upsert(engine: Engine, rows: Sequence[ExperimentRow], code_version: str) -> None:
     """Insert or update experiments (by key) and replace their scores, in one transaction."""
     if not rows:
@@ -270,6 +356,7 @@ def upsert(engine: Engine, rows: Sequence[ExperimentRow], code_version: str) -> 
                 "n_posinf": row.n_posinf,
                 "n_neginf": row.n_neginf,
                 "error": row.error,
+                **{name: _db_value(row.thresholds.get(name)) for name in THRESHOLD_COLUMNS},
                 "updated_at": now,
                 "code_version": code_version,
             }

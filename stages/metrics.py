@@ -1,0 +1,219 @@
+"""Threshold metrics and honest (leave-one-category-out) config selection, as pure functions.
+
+Thresholds: an image is predicted anomalous iff its score is strictly greater than the
+threshold. Non-finite scores follow ``detectors.ranking_scores``: ``+inf`` is the most
+anomalous, ``-inf`` and ``NaN`` (no information) the least, so they are never predicted
+anomalous. Two thresholds per experiment:
+
+* honest: the ``q`` quantile (``inverted_cdf``: an actual training score) of the training
+  images' in-sample scores, NaN counted as ``-inf``; at most a fraction ``1 - q`` of the
+  training images lie above it. No test label is used.
+* oracle: the threshold that maximises F1 on the test set itself (ties: the lowest such
+  threshold). It uses the test labels, so it is an upper bound, labelled as such.
+
+Selection: the study reports per category the best AUROC over thousands of configs, chosen
+by that very test AUROC. ``loco_selection`` chooses a config for each category from the
+other categories only (best mean rank), so its AUROC on the held-out category is honest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+
+THRESHOLD_KINDS = ("honest", "oracle")
+THRESHOLD_FIELDS = ("threshold", "f1", "precision", "recall", "accuracy", "tp", "fp", "tn", "fn")
+
+# What identifies a config across categories: every config field but the category and the
+# feature set's content hash.
+CONFIG_FIELDS = (
+    "augmented",
+    "backbone",
+    "init",
+    "layer",
+    "representation",
+    "detector",
+    "hyperparams",
+    "seed",
+)
+
+
+def predict(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """``score > threshold`` with NaN predicted normal (the least anomalous)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isnan(scores), False, scores > threshold)
+
+
+def confusion_metrics(y: np.ndarray, predicted: np.ndarray) -> dict[str, float | int]:
+    """Counts and rates with anomalies as the positive class (0 where undefined)."""
+    y = np.asarray(y, dtype=bool)
+    predicted = np.asarray(predicted, dtype=bool)
+    tp = int((predicted & y).sum())
+    fp = int((predicted & ~y).sum())
+    fn = int((~predicted & y).sum())
+    tn = int((~predicted & ~y).sum())
+    return {
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else 0.0,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+        "accuracy": (tp + tn) / y.size if y.size else 0.0,
+    }
+
+
+def honest_threshold(train_scores: np.ndarray, quantile: float) -> float:
+    """The ``quantile`` of the training scores (an actual score; NaN counts as ``-inf``)."""
+    scores = np.asarray(train_scores, dtype=np.float64)
+    if scores.size == 0:
+        raise ValueError("no training scores")
+    scores = np.where(np.isnan(scores), -np.inf, scores)
+    return float(np.quantile(scores, quantile, method="inverted_cdf"))
+
+
+def oracle_threshold(y: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold with the best test F1 (ties: the lowest); ``-inf`` = all finite flagged.
+
+    Candidates are ``-inf`` and every distinct finite score; a cumulative count over the
+    sorted scores keeps it O(n log n).
+    """
+    y = np.asarray(y, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    flaggable = ~np.isnan(scores) & ~np.isneginf(scores)
+    values, labels = scores[flaggable], y[flaggable]
+    order = np.argsort(values, kind="stable")
+    values, labels = values[order], labels[order]
+    # tp_from[i]: anomalies among values[i:], i.e. the true positives when those are flagged.
+    tp_from = np.concatenate([np.cumsum(labels[::-1])[::-1], [0]])
+    candidates = np.concatenate([[-np.inf], np.unique(values[np.isfinite(values)])])
+    first_flagged = np.searchsorted(values, candidates, side="right")
+    tp = tp_from[first_flagged]
+    fp = (values.size - first_flagged) - tp
+    fn = int(y.sum()) - tp
+    denominator = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(len(candidates)), where=denominator > 0)
+    return float(candidates[int(np.argmax(f1))])
+
+
+def threshold_metrics(
+    y: np.ndarray, scores: np.ndarray, train_scores: np.ndarray | None, quantile: float
+) -> dict[str, float | int | None]:
+    """``<field>_honest`` and ``<field>_oracle`` for every field of ``THRESHOLD_FIELDS``.
+
+    The honest ones are ``None`` without training scores.
+    """
+    out: dict[str, float | int | None] = {}
+    thresholds = {"oracle": oracle_threshold(y, scores)}
+    if train_scores is not None and len(train_scores):
+        thresholds["honest"] = honest_threshold(train_scores, quantile)
+    for kind in THRESHOLD_KINDS:
+        t = thresholds.get(kind)
+        values: Mapping[str, float | int | None] = (
+            {"threshold": t, **confusion_metrics(y, predict(scores, t))}
+            if t is not None
+            else dict.fromkeys(THRESHOLD_FIELDS)
+        )
+        out.update({f"{name}_{kind}": values[name] for name in THRESHOLD_FIELDS})
+    return out
+
+
+# --- honest selection --------------------------------------------------------------------
+
+
+def config_id(row: Mapping[str, Any]) -> str:
+    """A config's identity across categories (``CONFIG_FIELDS`` as canonical JSON)."""
+    return json.dumps([row[f] for f in CONFIG_FIELDS], default=str)
+
+
+@dataclass(frozen=True)
+class LocoChoice:
+    """The config chosen for ``category`` from the other categories, and its AUROC there.
+
+    ``config`` is ``None`` when no config is done in every other category (or there is no
+    other category); ``auroc`` is ``None`` when the chosen config is not done here.
+    """
+
+    category: str
+    config: str | None
+    mean_rank: float | None
+    auroc: float | None
+    key: str | None
+    candidates: int
+
+
+def category_ranks(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """``category -> config_id -> rank`` by AUROC within the category (1 = best; ties share
+    their average rank). Only done experiments with an AUROC count."""
+    by_category: dict[str, dict[str, float]] = defaultdict(dict)
+    for row in rows:
+        if row["status"] == "done" and row["auroc"] is not None:
+            by_category[row["category"]][config_id(row)] = float(row["auroc"])
+    ranks = {}
+    for category, aurocs in by_category.items():
+        ids = list(aurocs)
+        r = rankdata([-aurocs[i] for i in ids], method="average")
+        ranks[category] = dict(zip(ids, (float(x) for x in r), strict=True))
+    return ranks
+
+
+def loco_selection(
+    rows: Sequence[Mapping[str, Any]], categories: Sequence[str] | None = None
+) -> dict[str, LocoChoice]:
+    """Leave-one-category-out choice for every category.
+
+    For category c: rank the configs by AUROC in every other category; the candidates are
+    the configs done (with an AUROC) in *all* other categories, so every mean is over the
+    same categories; the chosen one has the best mean rank (ties: the first config id in
+    sort order, so the choice is deterministic). Its AUROC on c is reported, ``None``
+    when it is not done there. Needs at least two categories.
+    """
+    ranks = category_ranks(rows)
+    done = {
+        (r["category"], config_id(r)): r
+        for r in rows
+        if r["status"] == "done" and r["auroc"] is not None
+    }
+    categories = list(categories) if categories is not None else sorted(ranks)
+    choices = {}
+    for category in categories:
+        others = [c for c in ranks if c != category]
+        if not others:
+            choices[category] = LocoChoice(category, None, None, None, None, 0)
+            continue
+        candidates = set.intersection(*(set(ranks[c]) for c in others))
+        if not candidates:
+            choices[category] = LocoChoice(category, None, None, None, None, 0)
+            continue
+        mean_rank = {cid: float(np.mean([ranks[c][cid] for c in others])) for cid in candidates}
+        best = min(sorted(candidates), key=lambda cid: mean_rank[cid])
+        row = done.get((category, best))
+        choices[category] = LocoChoice(
+            category,
+            best,
+            mean_rank[best],
+            None if row is None else float(row["auroc"]),
+            None if row is None else row["key"],
+            len(candidates),
+        )
+    return choices
+
+
+def describe_config(config: str) -> str:
+    """A config id as a readable one-liner."""
+    values = dict(zip(CONFIG_FIELDS, json.loads(config), strict=True))
+    hyper = json.loads(values["hyperparams"]) if values["hyperparams"] else {}
+    args = ",".join(f"{k}={v}" for k, v in hyper.items())
+    aug = "aug" if values["augmented"] else "no-aug"
+    return (
+        f"{values['backbone']}-{values['init']} {values['layer']} {values['representation']} "
+        f"{aug} {values['detector']}({args}) seed {values['seed']}"
+    )

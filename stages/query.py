@@ -1,0 +1,281 @@
+"""Query the results database from the terminal: best configs, failures, one experiment, exports.
+
+    python -m stages.query top --category bottle --n 10
+    python -m stages.query top --detector KernelDensity --where dim=512 --where augmented=true
+    python -m stages.query failed --status crashed
+    python -m stages.query show KEY            # a unique prefix of the key is enough
+    python -m stages.query export-submission KEY out.csv
+
+The database is ``evaluate.db_url`` of ``--params`` (default params.yaml), or ``--db URL``.
+Filters: one option per config field (``--category``, ``--augmented``, ``--backbone``,
+``--init``, ``--layer``, ``--representation``, ``--detector``, ``--hyperparams``,
+``--seed``) and ``--where COLUMN=VALUE`` (repeatable) for any column of ``experiments``.
+
+Submission file (the Kaggle format of the MVTec course assignment): CSV with the header
+``id,prediction`` and one row per test image of the experiment's category, ordered by
+``image_id`` as a string (code point order, the same as SQLite's ``ORDER BY image_id``,
+e.g. ``test/broken_large/000.png`` first); ``id`` counts from 0 in that order and
+``prediction`` is 1 (anomaly) iff the image's score > the experiment's honest threshold
+(``threshold_honest``, from the training scores only), else 0; a NaN score is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Boolean, Float, Integer, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from stages.errors import UserError, run_cli
+from stages.io import atomic_path
+from stages.metrics import predict
+from stages.params import DEFAULT_PARAMS, load_params
+from stages.results_db import FINAL_NOT_DONE, Experiment, Image, Score, open_db
+
+DEFAULT_DB_URL = "sqlite:///results/results.sqlite"
+FIELD_FILTERS = ("category", "augmented", "backbone", "init", "layer", "representation",
+                 "detector", "hyperparams", "seed")  # fmt: skip
+COLUMNS = {c.name: c for c in Experiment.__table__.columns}
+
+
+# --- database access -----------------------------------------------------------------------
+
+
+def db_url(params_path: str | Path, override: str | None) -> str:
+    """``--db`` if given, else ``evaluate.db_url`` of the params file (or its default)."""
+    if override:
+        return override
+    if not Path(params_path).exists():
+        return DEFAULT_DB_URL
+    return (load_params(params_path).evaluate or {}).get("db_url", DEFAULT_DB_URL)
+
+
+def typed(column: str, value: str) -> Any:
+    """A filter's text value as the column's type (``--where augmented=yes`` -> True)."""
+    kind = COLUMNS[column].type
+    try:
+        if isinstance(kind, Boolean):
+            lowered = value.lower()
+            if lowered not in ("true", "false", "yes", "no", "1", "0"):
+                raise ValueError
+            return lowered in ("true", "yes", "1")
+        if isinstance(kind, Integer):
+            return int(value)
+        if isinstance(kind, Float):
+            return float(value)
+    except ValueError:
+        raise UserError(
+            f"filter {column}: {value!r} is not a {kind.python_type.__name__}"
+        ) from None
+    return value
+
+
+def parse_filters(fields: dict[str, str | None], where: Sequence[str]) -> dict[str, Any]:
+    """Named field options plus ``COLUMN=VALUE`` pairs, typed; unknown columns are errors."""
+    filters = {k: typed(k, v) for k, v in fields.items() if v is not None}
+    for item in where:
+        column, sep, value = item.partition("=")
+        column = column.strip()
+        if not sep:
+            raise UserError(f"--where {item!r}: expected COLUMN=VALUE")
+        if column not in COLUMNS:
+            raise UserError(f"--where {column}: no such column (known: {', '.join(COLUMNS)})")
+        filters[column] = typed(column, value.strip())
+    return filters
+
+
+def find_experiments(
+    engine: Engine,
+    filters: dict[str, Any],
+    statuses: Sequence[str] | None = None,
+    order_by_auroc: bool = False,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Experiment rows matching every filter (and one of ``statuses``), as dicts."""
+    query = select(*Experiment.__table__.columns)
+    for column, value in filters.items():
+        query = query.where(COLUMNS[column] == value)
+    if statuses:
+        query = query.where(Experiment.status.in_(statuses))
+    if order_by_auroc:
+        query = query.where(Experiment.auroc.is_not(None))
+        query = query.order_by(Experiment.auroc.desc(), Experiment.key)
+    else:
+        query = query.order_by(Experiment.category, Experiment.key)
+    if limit is not None:
+        query = query.limit(limit)
+    with Session(engine) as session:
+        return [dict(r) for r in session.execute(query).mappings()]
+
+
+def experiment_by_key(engine: Engine, key: str) -> dict[str, Any]:
+    """The experiment whose key is ``key`` or starts with it (a unique prefix)."""
+    query = select(*Experiment.__table__.columns).where(Experiment.key.startswith(key))
+    with Session(engine) as session:
+        rows = [dict(r) for r in session.execute(query.limit(2)).mappings()]
+    if not rows:
+        raise UserError(f"no experiment with key {key!r}")
+    if len(rows) > 1:
+        raise UserError(f"key prefix {key!r} is ambiguous; give more characters")
+    return rows[0]
+
+
+def submission(engine: Engine, key: str) -> list[tuple[int, str, int]]:
+    """``(id, image_id, prediction)`` per test image, in the documented stable order."""
+    exp = experiment_by_key(engine, key)
+    if exp["status"] != "done":
+        raise UserError(f"experiment {exp['key'][:12]} is {exp['status']}, not done: no scores")
+    if exp["threshold_honest"] is None:
+        raise UserError(f"experiment {exp['key'][:12]} has no honest threshold (stored by an "
+                        "older evaluate stage or no training scores); rerun evaluate")  # fmt: skip
+    query = (
+        select(Image.image_id, Score.score)
+        .join(Score, Score.image == Image.id)
+        .where(Score.experiment == exp["id"])
+    )
+    with Session(engine) as session:
+        pairs = sorted(tuple(r) for r in session.execute(query))
+    if len(pairs) != exp["n_test"]:
+        raise UserError(f"experiment {exp['key'][:12]}: {len(pairs)} stored scores for "
+                        f"{exp['n_test']} test images")  # fmt: skip
+    scores = [float("nan") if s is None else s for _, s in pairs]
+    predicted = predict(scores, exp["threshold_honest"])
+    return [(i, image, int(p)) for i, ((image, _), p) in enumerate(zip(pairs, predicted,
+                                                                      strict=True))]  # fmt: skip
+
+
+def write_submission(engine: Engine, key: str, out: str | Path) -> int:
+    """Write the submission CSV (``-``: stdout); returns the number of rows."""
+    rows = submission(engine, key)
+    if str(out) == "-":
+        _write_rows(sys.stdout, rows)
+    else:
+        with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+            _write_rows(fh, rows)
+    return len(rows)
+
+
+def _write_rows(fh: Any, rows: Sequence[tuple[int, str, int]]) -> None:
+    writer = csv.writer(fh, lineterminator="\n")
+    writer.writerow(["id", "prediction"])
+    writer.writerows((i, p) for i, _, p in rows)
+
+
+# --- terminal tables -----------------------------------------------------------------------
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]], max_width: int = 60) -> str:
+    """Columns padded to their widest cell (cells cut at ``max_width``)."""
+    cells = [[cell(v)[:max_width] for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+TOP_COLUMNS = ("key", "category", "augmented", "backbone", "init", "layer", "representation",
+               "detector_name", "auroc", "average_precision", "f1_honest", "f1_oracle",
+               "fit_s")  # fmt: skip
+FAILED_COLUMNS = ("key", "category", "augmented", "backbone", "layer", "representation",
+                  "detector_name", "status", "attempts", "error")  # fmt: skip
+
+
+def show_text(exp: dict[str, Any]) -> str:
+    """Every column of one experiment, one per line."""
+    width = max(len(k) for k in exp)
+    lines = [f"{k.ljust(width)}  {cell(v)}" for k, v in exp.items() if k != "id"]
+    return "\n".join(lines)
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.query",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (params.yaml)")
+    parser.add_argument("--db", help="database URL (default: evaluate.db_url of --params)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_filters(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        for name in FIELD_FILTERS:
+            p.add_argument(f"--{name}", help=f"only experiments with this {name}")
+        p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                       help="filter on any column of experiments (repeatable)")  # fmt: skip
+        return p
+
+    top = with_filters(sub.add_parser("top", help="best done experiments by AUROC"))
+    top.add_argument("--n", type=int, default=10, help="how many (10)")
+    failed = with_filters(sub.add_parser("failed", help="failed, crashed, timed-out experiments"))
+    failed.add_argument("--status", choices=FINAL_NOT_DONE, help="only this status")
+    show = sub.add_parser("show", help="every field of one experiment")
+    show.add_argument("key", help="experiment key or a unique prefix")
+    export = sub.add_parser(
+        "export-submission",
+        help="submission CSV (id,prediction) at the honest threshold",
+        description="CSV with header id,prediction; one row per test image of the category, "
+        "ordered by image_id (code point order); id from 0; prediction 1 = anomaly "
+        "(score > threshold_honest), 0 = normal.",
+    )
+    export.add_argument("key", help="experiment key or a unique prefix")
+    export.add_argument("out", help="output CSV path, or - for stdout")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    engine = open_db(db_url(args.params, args.db), read_only=True)
+    try:
+        if args.command in ("top", "failed"):
+            fields = {name: getattr(args, name) for name in FIELD_FILTERS}
+            filters = parse_filters(fields, args.where)
+            if args.command == "top":
+                rows = find_experiments(engine, filters, ["done"], order_by_auroc=True,
+                                        limit=args.n)  # fmt: skip
+                columns = TOP_COLUMNS
+            else:
+                wanted = [args.status] if args.status else list(FINAL_NOT_DONE)
+                rows = find_experiments(engine, filters, wanted)
+                columns = FAILED_COLUMNS
+            table_rows = [[r["key"][:12], *(r[c] for c in columns[1:])] for r in rows]
+            for r in table_rows:
+                if columns is FAILED_COLUMNS and r[-1]:
+                    r[-1] = " ".join(str(r[-1]).split())
+            print(text_table(columns, table_rows))
+            print(f"({len(rows)} experiments)")
+        elif args.command == "show":
+            exp = experiment_by_key(engine, args.key)
+            exp["hyperparams"] = json.dumps(json.loads(exp["hyperparams"]), sort_keys=True)
+            print(show_text(exp))
+        else:
+            n = write_submission(engine, args.key, args.out)
+            if args.out != "-":
+                print(f"{args.out}: {n} rows (id,prediction)", file=sys.stderr)
+    finally:
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    run_cli(main)

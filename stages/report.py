@@ -1,0 +1,655 @@
+"""Stage ``report``: the study's tables and figures from the results database, read only.
+
+Writes, under ``report.out``:
+
+- ``report.md``: counts and error kinds, the dataset statistics, Table 4 (best AUROC per
+  category, the oracle, next to the honest leave-one-category-out choice and the gap),
+  Table 5 (mean fit/score seconds per detector family), Table 6 (the best config per
+  category, every field), the threshold metrics of those configs, the top experiments,
+  the augmentation benefit, a family x backbone/layer heatmap, Figure 4 (fit time
+  against feature dimension and training-set size) and ROC curves of each category's best
+  configs; PNG figures in ``figures/``;
+- ``metrics.json`` (for ``dvc metrics show``), ``experiments.csv`` (every experiment, every
+  column) and ``plots/roc/<category>.csv`` (``fpr,tpr`` of the category's best config, for
+  ``dvc plots``).
+
+The database is the evaluate stage's output and is never written here.
+
+    python -m stages.report [--params params.yaml]
+
+Params (section ``report``; the database URL is ``evaluate.db_url``, the dataset
+statistics come from ``data.stats_dir``):
+
+- ``out`` (``results``): folder of the outputs above.
+- ``top_n`` (10): rows of the top-experiments table.
+- ``roc_best_per_category`` (3): ROC curves drawn per category (its best configs).
+- ``scope`` (``grid``): ``grid`` = only the experiments of the current grid (as the
+  evaluate stage plans it from ``feature_sets.json`` and ``evaluate``), like the evaluate
+  summary; ``all`` = every stored experiment (for a config stored under several feature
+  hashes, the most recently updated one is used in the tables).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from matplotlib.figure import Figure
+from pydantic import Field
+from sklearn.metrics import roc_curve
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from stages.dataset import stats_markdown
+from stages.detectors import expand_detectors, ranking_scores
+from stages.errors import UserError, run_cli, setup_logging
+from stages.evaluate import FEATURE_SETS_FILE, EvaluateParams, plan, read_feature_sets
+from stages.io import atomic_path, write_json_atomic, write_text_atomic
+from stages.metrics import LocoChoice, config_id, describe_config, loco_selection
+from stages.params import Section, load_params, load_section, stage_args
+from stages.results_db import STATUSES, Experiment, Image, Score, open_db
+
+log = logging.getLogger("stages.report")
+
+DEFAULT_DB_URL = "sqlite:///results/results.sqlite"
+NEEDS_TWO = "n/a (needs >= 2 categories)"
+
+
+class ReportParams(Section):
+    """The ``report`` section of params.yaml."""
+
+    out: str = "results"
+    top_n: Annotated[int, Field(ge=1)] = 10
+    roc_best_per_category: Annotated[int, Field(ge=1)] = 3
+    scope: Literal["grid", "all"] = "grid"
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def grid_keys(params_path: str | Path) -> set[str]:
+    """Keys of the experiments the evaluate stage plans for the current params."""
+    params = load_section(params_path, "evaluate", EvaluateParams)
+    assert isinstance(params, EvaluateParams)
+    root = load_params(params_path)
+    extract_out = Path((root.extract or {}).get("out", "cache/features"))
+    feature_sets = read_feature_sets(extract_out / FEATURE_SETS_FILE)
+    detectors = expand_detectors(params.detectors, params.allow_test_detectors)
+    units = plan(feature_sets, root.augment.transforms, detectors, params.seeds,
+                 params.augmentation)  # fmt: skip
+    return {e.key for _, exps in units for e in exps}
+
+
+def read_experiments(engine: Engine, keys: set[str] | None = None) -> list[dict[str, Any]]:
+    """Experiment rows (all, or those among ``keys``), ordered by key, without ``id``."""
+    columns = [c for c in Experiment.__table__.columns if c.name != "id"]
+    with Session(engine) as session:
+        rows = session.execute(select(*columns).order_by(Experiment.key)).mappings().all()
+    return [dict(r) for r in rows if keys is None or r["key"] in keys]
+
+
+def latest_done(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Done rows with an AUROC, one per (category, config): the most recently updated."""
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        if row["status"] != "done" or row["auroc"] is None:
+            continue
+        slot = (row["category"], config_id(row))
+        if slot not in best or row["updated_at"] > best[slot]["updated_at"]:
+            best[slot] = row
+    return sorted(best.values(), key=lambda r: r["key"])
+
+
+def labelled_scores(engine: Engine, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(is_anomaly, score)`` of one done experiment's test images (NaN for NULL)."""
+    query = (
+        select(Image.is_anomaly, Score.score)
+        .join(Score, Score.image == Image.id)
+        .join(Experiment, Experiment.id == Score.experiment)
+        .where(Experiment.key == key)
+        .order_by(Image.image_id)
+    )
+    with Session(engine) as session:
+        pairs = [tuple(r) for r in session.execute(query)]
+    y = np.array([bool(a) for a, _ in pairs], dtype=bool)
+    s = np.array([np.nan if v is None else v for _, v in pairs], dtype=np.float64)
+    return y, s
+
+
+# --- tables --------------------------------------------------------------------------------
+
+
+def ordered_categories(rows: Iterable[dict[str, Any]], preferred: Sequence[str]) -> list[str]:
+    """Categories present in ``rows``: those of ``data.categories`` first, in that order."""
+    present = {r["category"] for r in rows}
+    return [c for c in preferred if c in present] + sorted(present - set(preferred))
+
+
+def best_per_category(done: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The highest-AUROC experiment per category (ties: the smallest key)."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in done:  # ordered by key, so a later tie does not replace
+        cur = best.get(row["category"])
+        if cur is None or row["auroc"] > cur["auroc"]:
+            best[row["category"]] = row
+    return best
+
+
+def top_per_category(done: Sequence[dict[str, Any]], n: int) -> dict[str, list[dict[str, Any]]]:
+    by_category: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in done:
+        by_category[row["category"]].append(row)
+    return {
+        c: sorted(rows, key=lambda r: (-r["auroc"], r["key"]))[:n]
+        for c, rows in by_category.items()
+    }
+
+
+def family_times(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per detector family: counts by status and mean fit/score seconds of done ones."""
+    by_family: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_family[row["detector"]].append(row)
+    table = []
+    for family in sorted(by_family):
+        fam = by_family[family]
+        done = [r for r in fam if r["status"] == "done"]
+        counts = Counter(r["status"] for r in fam)
+        table.append({
+            "family": family,
+            **{s: counts.get(s, 0) for s in STATUSES},
+            "mean_fit_s": _mean(r["fit_s"] for r in done),
+            "mean_score_s": _mean(r["score_s"] for r in done),
+            "mean_auroc": _mean(r["auroc"] for r in done),
+            "best_auroc": max((r["auroc"] for r in done if r["auroc"] is not None), default=None),
+        })  # fmt: skip
+    return table
+
+
+def augmentation_benefit(
+    done: Sequence[dict[str, Any]], categories: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per category the best AUROC with and without augmentation (None where not run)."""
+    table = []
+    for category in categories:
+        best = {
+            aug: max(
+                (r["auroc"] for r in done if r["category"] == category and r["augmented"] == aug),
+                default=None,
+            )
+            for aug in (True, False)
+        }
+        gain = None if None in best.values() else best[True] - best[False]
+        table.append({"category": category, "with": best[True], "without": best[False],
+                      "gain": gain})  # fmt: skip
+    return table
+
+
+def extractor_label(row: dict[str, Any]) -> str:
+    return f"{row['backbone']}-{row['init']}/{row['layer']}"
+
+
+def heatmap_table(
+    done: Sequence[dict[str, Any]],
+) -> tuple[list[str], list[str], np.ndarray]:
+    """Family x backbone/layer: per category the best AUROC in the cell, then the mean over
+    the categories that have one (so a cell compares with Table 4's mean)."""
+    cells: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for row in done:
+        cell = cells[(row["detector"], extractor_label(row))]
+        cell[row["category"]] = max(cell.get(row["category"], -math.inf), row["auroc"])
+    families = sorted({f for f, _ in cells})
+    extractors = sorted({e for _, e in cells})
+    grid = np.full((len(families), len(extractors)), np.nan)
+    for (family, extractor), per_cat in cells.items():
+        grid[families.index(family), extractors.index(extractor)] = np.mean(list(per_cat.values()))
+    return families, extractors, grid
+
+
+def error_kind(status: str, error: str | None) -> str:
+    """A short class of an error: the exception type, the signal, or ``timeout``."""
+    if status == "timeout":
+        return "timeout"
+    text = error or ""
+    if status == "crashed":
+        signal = re.search(r"SIG[A-Z]+", text)
+        return signal.group(0) if signal else "worker died"
+    match = re.match(r"\s*([A-Za-z_][\w.]*)\s*:", text)
+    return match.group(1) if match else (text.split("\n")[0][:60] or "unknown")
+
+
+def error_kinds(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, str, int]]:
+    """``(status, family, kind, count)`` of the experiments that are not done."""
+    counts = Counter(
+        (r["status"], r["detector"], error_kind(r["status"], r["error"]))
+        for r in rows
+        if r["status"] != "done"
+    )
+    return sorted(((*k, n) for k, n in counts.items()), key=lambda t: (t[0], t[1], -t[3]))
+
+
+# --- Markdown -----------------------------------------------------------------------------
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: floats rounded, None as ``n/a``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+    return str(value).replace("|", "\\|")
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:
+    """A Markdown table; ``align`` has one of ``l``/``r`` per column (default: left)."""
+    align = align or "l" * len(header)
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
+    ]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def loco_cell(choice: LocoChoice, n_categories: int) -> str:
+    if n_categories < 2:
+        return NEEDS_TWO
+    if choice.config is None:
+        return "n/a (no config done in all other categories)"
+    if choice.auroc is None:
+        return "n/a (chosen config not done here)"
+    return fmt(choice.auroc)
+
+
+# --- figures -------------------------------------------------------------------------------
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """PNG through Matplotlib's object API (Agg canvas; no pyplot state, no display)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def figure_fit_time(done: Sequence[dict[str, Any]], path: Path) -> None:
+    """Figure 4: fit seconds against feature dimension and training-set size (log-log)."""
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
+    families = sorted({r["detector"] for r in done})
+    for ax, x_field, label in ((axes[0], "dim", "feature dimension"),
+                               (axes[1], "n_train", "training images")):  # fmt: skip
+        for family in families:
+            rows = [r for r in done if r["detector"] == family and r[x_field]]
+            x = np.array([r[x_field] for r in rows], dtype=float)
+            y = np.maximum(np.array([r["fit_s"] or 0.0 for r in rows], dtype=float), 1e-6)
+            points = ax.scatter(x, y, s=10, alpha=0.35, label=family)
+            xs = np.unique(x)
+            ax.plot(xs, [np.median(y[x == v]) for v in xs], color=points.get_facecolor()[0],
+                    alpha=1.0, linewidth=1.5)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("fit time (s)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Fit time per detector family (points: experiments, lines: medians)")
+    _save(fig, path)
+
+
+def figure_heatmap(families: list[str], extractors: list[str], grid: np.ndarray,
+                   path: Path) -> None:  # fmt: skip
+    fig = Figure(figsize=(max(5.0, 2.5 + 1.1 * len(extractors)), 1.5 + 0.55 * len(families)))
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0.5, vmax=1.0,
+                      aspect="auto")  # fmt: skip
+    ax.set_xticks(range(len(extractors)), extractors, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(families)), families, fontsize=8)
+    for i in range(len(families)):
+        for j in range(len(extractors)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=7,
+                        color="white" if grid[i, j] < 0.8 else "black")  # fmt: skip
+    fig.colorbar(image, ax=ax, label="best AUROC (mean over categories)")
+    ax.set_title("Best AUROC per detector family x backbone/layer")
+    _save(fig, path)
+
+
+def figure_augmentation(table: Sequence[dict[str, Any]], path: Path) -> None:
+    fig = Figure(figsize=(1.5 + 0.9 * len(table), 3.8))
+    ax = fig.subplots()
+    x = np.arange(len(table))
+    for offset, key, label in ((-0.2, "without", "no augmentation"),
+                               (0.2, "with", "augmented")):  # fmt: skip
+        values = [np.nan if r[key] is None else r[key] for r in table]
+        ax.bar(x + offset, values, width=0.4, label=label)
+    ax.set_xticks(x, [r["category"] for r in table], rotation=30, ha="right")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_ylabel("best AUROC")
+    ax.legend(fontsize=8)
+    ax.set_title("Augmentation benefit")
+    _save(fig, path)
+
+
+def figure_roc(curves: dict[str, list[tuple[str, np.ndarray, np.ndarray, float]]],
+               path: Path) -> None:  # fmt: skip
+    n = len(curves)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(4 * cols, 3.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, (category, lines) in zip(axes.flat, curves.items(), strict=False):
+        for label, fpr, tpr, auroc in lines:
+            ax.plot(fpr, tpr, linewidth=1.2, label=f"{auroc:.3f} {label}")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
+        ax.set_title(category)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    _save(fig, path)
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What the stage computed (also returned for tests and notebooks)."""
+
+    rows: list[dict[str, Any]]
+    done: list[dict[str, Any]]
+    categories: list[str]
+    best: dict[str, dict[str, Any]]
+    loco: dict[str, LocoChoice]
+    families: list[dict[str, Any]]
+    augmentation: list[dict[str, Any]]
+    metrics: dict[str, Any]
+
+
+def build_metrics(rows: Sequence[dict[str, Any]], categories: Sequence[str],
+                  best: dict[str, dict[str, Any]], loco: dict[str, LocoChoice]
+                  ) -> dict[str, Any]:  # fmt: skip
+    """``metrics.json``: means over categories (honest: over those with a value), counts."""
+    counts = Counter(r["status"] for r in rows)
+    oracle = {c: best[c]["auroc"] for c in categories}
+    honest = {c: loco[c].auroc if len(categories) >= 2 else None for c in categories}
+    with_both = [c for c in categories if honest[c] is not None]
+    return {
+        "categories": len(categories),
+        "mean_best_auroc_oracle": _mean(oracle.values()),
+        "mean_auroc_loco": _mean(honest[c] for c in with_both) if with_both else None,
+        "mean_gap_oracle_minus_loco": (
+            _mean(oracle[c] - honest[c] for c in with_both) if with_both else None
+        ),
+        "loco_categories": len(with_both),
+        "experiments": len(rows),
+        **{s: counts.get(s, 0) for s in STATUSES},
+        "per_category": {
+            c: {"best_auroc_oracle": oracle[c], "auroc_loco": honest[c]} for c in categories
+        },
+    }
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Every experiment, every column (the database's names), ordered by key."""
+    columns = [c.name for c in Experiment.__table__.columns if c.name != "id"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row[k] is None else row[k]) for k in columns})
+
+
+def _clear(folder: Path, pattern: str) -> None:
+    """Remove this stage's previous outputs (e.g. a dropped category's curve)."""
+    if folder.exists():
+        for old in folder.glob(pattern):
+            old.unlink()
+
+
+def _dataset_section(stats_dir: Path) -> str:
+    path = stats_dir / "stats.json"
+    if not path.exists():
+        return f"Not available: {path} is missing (run the dataset stage).\n"
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+        body = stats_markdown(stats)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{path}: not the dataset stage's statistics; rerun it") from None
+    return "\n".join(line for line in body.splitlines() if not line.startswith("# ")).strip()
+
+
+def _section(title: str, *parts: str) -> str:
+    return "\n\n".join([f"## {title}", *[p for p in parts if p]])
+
+
+def render(report: Report, params: ReportParams, engine: Engine, out: Path, stats_dir: Path,
+           db_url: str) -> str:  # fmt: skip
+    """Write the figures and plot data; return the Markdown of ``report.md``."""
+    rows, done, categories = report.rows, report.done, report.categories
+    figures, roc_dir = out / "figures", out / "plots" / "roc"
+    _clear(figures, "*.png")
+    _clear(roc_dir, "*.csv")
+    n_cat = len(categories)
+    parts = [
+        "# Results report",
+        f"From `{db_url}` ({params.scope}: {len(rows)} experiments, {len(done)} done with an "
+        f"AUROC, {n_cat} categories). AUROC and average precision take anomalies as the "
+        "positive class; higher scores mean more anomalous.",
+    ]
+    counts = Counter(r["status"] for r in rows)
+    kinds = error_kinds(rows)
+    parts.append(_section(
+        "Experiments",
+        md_table(["experiments", *STATUSES], [[len(rows), *(counts.get(s, 0) for s in STATUSES)]],
+                 "r" * 5),
+        md_table(["status", "family", "error kind", "count"], kinds, "lllr")
+        if kinds else "No failed, crashed or timed-out experiments.",
+    ))  # fmt: skip
+    parts.append(_section("Dataset", _dataset_section(stats_dir)))
+    if not done:
+        parts.append("No done experiments: nothing more to report.")
+        return "\n\n".join(parts) + "\n"
+
+    # Table 4 with the honest column.
+    t4 = []
+    for c in categories:
+        choice = report.loco[c]
+        honest = choice.auroc if n_cat >= 2 else None
+        gap = None if honest is None else report.best[c]["auroc"] - honest
+        t4.append([c, report.best[c]["auroc"], report.best[c]["detector_name"],
+                   loco_cell(choice, n_cat),
+                   describe_config(choice.config) if choice.config else "n/a",
+                   gap])  # fmt: skip
+    m = report.metrics
+    mean_honest = m["mean_auroc_loco"] if m["mean_auroc_loco"] is not None else NEEDS_TWO
+    if n_cat >= 2 and m["loco_categories"] < n_cat and m["mean_auroc_loco"] is not None:
+        mean_honest = f"{fmt(m['mean_auroc_loco'])} (over {m['loco_categories']} categories)"
+    t4.append(["**mean**", m["mean_best_auroc_oracle"], "", mean_honest, "",
+               m["mean_gap_oracle_minus_loco"]])  # fmt: skip
+    parts.append(_section(
+        "Table 4: best AUROC per category, oracle and honest",
+        "*Oracle*: the best of all configs by the category's own test AUROC (the study's "
+        "number, optimistic). *Honest (LOCO)*: the config with the best mean AUROC rank on "
+        "the other categories (candidates: configs done in all of them; a config is every "
+        "field but the category and the feature hash), evaluated on this category.",
+        md_table(["category", "best AUROC (oracle)", "oracle detector", "AUROC (honest, LOCO)",
+                  "LOCO config", "oracle - honest"], t4, "lrlrlr"),
+    ))  # fmt: skip
+
+    parts.append(_section(
+        "Table 5: mean fit and score seconds per detector family",
+        "Means over done experiments; score seconds time the test images only.",
+        md_table(["family", *STATUSES, "mean fit s", "mean score s", "mean AUROC", "best AUROC"],
+                 [[f["family"], *(f[s] for s in STATUSES), f["mean_fit_s"], f["mean_score_s"],
+                   f["mean_auroc"], f["best_auroc"]] for f in report.families],
+                 "l" + "r" * 8),
+    ))  # fmt: skip
+
+    parts.append(_section(
+        "Table 6: the best configuration per category",
+        md_table(["category", "augmented", "backbone", "init", "layer", "representation",
+                  "detector", "hyperparameters", "seed", "AUROC", "AP", "fit s", "score s",
+                  "n train", "dim", "key"],
+                 [[c, b["augmented"], b["backbone"], b["init"], b["layer"], b["representation"],
+                   b["detector"], f"`{b['hyperparams']}`", b["seed"], b["auroc"],
+                   b["average_precision"], b["fit_s"], b["score_s"], b["n_train"], b["dim"],
+                   f"`{b['key'][:12]}`"]
+                  for c in categories for b in [report.best[c]]],
+                 "lllllllllrrrrrrl"),
+    ))  # fmt: skip
+
+    def threshold_rows(selected: Sequence[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
+        out_rows = []
+        for label, r in selected:
+            for kind, name in (("honest", f"honest (q={fmt(r['threshold_quantile'], 3)})"),
+                               ("oracle", "oracle max-F1")):  # fmt: skip
+                out_rows.append([label, name, *(r[f"{f}_{kind}"] for f in (
+                    "threshold", "f1", "precision", "recall", "accuracy", "tp", "fp", "tn",
+                    "fn"))])  # fmt: skip
+        return out_rows
+
+    threshold_header = ["", "threshold", "value", "F1", "precision", "recall", "accuracy",
+                        "TP", "FP", "TN", "FN"]  # fmt: skip
+    parts.append(_section(
+        "Threshold metrics of the best configs",
+        "Predicted anomalous iff score > threshold. *Honest*: a quantile of the training "
+        "images' in-sample scores (no test label; in-sample scores of memorising detectors "
+        "such as KDE and LOF are low, so it flags more than its nominal rate). *Oracle*: "
+        "the test set's max-F1 threshold, an upper bound.",
+        md_table(["category", *threshold_header[1:]],
+                 threshold_rows([(c, report.best[c]) for c in categories]), "ll" + "r" * 9),
+    ))  # fmt: skip
+
+    top = sorted(done, key=lambda r: (-r["auroc"], r["key"]))[: params.top_n]
+    parts.append(_section(
+        f"Top {params.top_n} experiments by AUROC",
+        md_table(["category", "augmented", "extractor", "representation", "detector", "AUROC",
+                  "AP", "F1 honest", "F1 oracle", "key"],
+                 [[r["category"], r["augmented"], extractor_label(r), r["representation"],
+                   r["detector_name"], r["auroc"], r["average_precision"], r["f1_honest"],
+                   r["f1_oracle"], f"`{r['key'][:12]}`"] for r in top],
+                 "lllllrrrrl"),
+    ))  # fmt: skip
+
+    figure_augmentation(report.augmentation, figures / "augmentation.png")
+    parts.append(_section(
+        "Augmentation benefit",
+        "Best AUROC per category with and without augmenting the training images "
+        "(n/a: not run, e.g. a category without transforms).",
+        md_table(["category", "with augmentation", "without", "gain"],
+                 [[a["category"], a["with"], a["without"], a["gain"]]
+                  for a in report.augmentation], "lrrr"),
+        "![augmentation benefit](figures/augmentation.png)",
+    ))  # fmt: skip
+
+    fams, extractors, grid = heatmap_table(done)
+    figure_heatmap(fams, extractors, grid, figures / "heatmap.png")
+    parts.append(_section(
+        "Best AUROC per detector family x backbone/layer",
+        "Per category the best AUROC among the cell's configs, averaged over the categories.",
+        "![heatmap](figures/heatmap.png)",
+        md_table(["family", *extractors],
+                 [[f, *(None if np.isnan(v) else float(v) for v in grid[i])]
+                  for i, f in enumerate(fams)], "l" + "r" * len(extractors)),
+    ))  # fmt: skip
+
+    figure_fit_time(done, figures / "fit_time.png")
+    parts.append(
+        _section(
+            "Figure 4: fit time against feature dimension and training-set size",
+            "![fit time](figures/fit_time.png)",
+        )
+    )
+
+    curves: dict[str, list[tuple[str, np.ndarray, np.ndarray, float]]] = {}
+    for category, best_rows in top_per_category(done, params.roc_best_per_category).items():
+        lines = []
+        for rank, r in enumerate(best_rows):
+            y, s = labelled_scores(engine, r["key"])
+            if not 0 < y.sum() < y.size:
+                continue
+            fpr, tpr, _ = roc_curve(y, ranking_scores(s))
+            label = f"{r['detector_name']} {extractor_label(r)}{' aug' if r['augmented'] else ''}"
+            lines.append((label, fpr, tpr, r["auroc"]))
+            if rank == 0:
+                write_text_atomic(roc_dir / f"{category}.csv", "fpr,tpr\n" + "".join(
+                    f"{a:.6g},{b:.6g}\n" for a, b in zip(fpr, tpr, strict=True)))  # fmt: skip
+        if lines:
+            curves[category] = lines
+    curves = {c: curves[c] for c in categories if c in curves}
+    if curves:
+        figure_roc(curves, figures / "roc.png")
+    parts.append(
+        _section(
+            f"ROC curves of each category's {params.roc_best_per_category} best configs",
+            "![ROC curves](figures/roc.png)" if curves else "No curves (no scores stored).",
+            "Legend: AUROC and detector. `plots/roc/<category>.csv` holds the best one's curve "
+            "for `dvc plots`.",
+        )
+    )
+    return "\n\n".join(parts) + "\n"
+
+
+def report(params_path: str | Path) -> Report:
+    """Run the stage: read the database, write report.md, figures, metrics, CSV, plots."""
+    params = load_section(params_path, "report", ReportParams)
+    assert isinstance(params, ReportParams)
+    root = load_params(params_path)
+    db_url = (root.evaluate or {}).get("db_url", DEFAULT_DB_URL)
+    keys = grid_keys(params_path) if params.scope == "grid" else None
+    engine = open_db(db_url, read_only=True)  # the evaluate stage's output: never written
+    try:
+        rows = read_experiments(engine, keys)
+        if not rows:
+            raise UserError(f"{db_url}: no experiments stored (scope {params.scope}); run the "
+                            "evaluate stage first")  # fmt: skip
+        done = latest_done(rows)
+        categories = ordered_categories(done, root.data.categories)
+        best = best_per_category(done)
+        loco = loco_selection(done, categories)
+        result = Report(
+            rows=rows, done=done, categories=categories, best=best, loco=loco,
+            families=family_times(rows),
+            augmentation=augmentation_benefit(done, categories),
+            metrics=build_metrics(rows, categories, best, loco),
+        )  # fmt: skip
+        out = Path(params.out)
+        text = render(result, params, engine, out, Path(root.data.stats_dir), db_url)
+    finally:
+        engine.dispose()
+    write_json_atomic(out / "metrics.json", result.metrics)
+    write_csv(out / "experiments.csv", rows)
+    write_text_atomic(out / "report.md", text)
+    log.info("%s: %d experiments, %d categories; mean best AUROC %s (oracle), %s (honest)",
+             out / "report.md", len(rows), len(categories),
+             fmt(result.metrics["mean_best_auroc_oracle"]),
+             fmt(result.metrics["mean_auroc_loco"]))  # fmt: skip
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = stage_args(__doc__.splitlines()[0], list(argv) if argv is not None else None)
+    setup_logging("report")
+    report(args.params)
+
+
+if __name__ == "__main__":
+    run_cli(main)

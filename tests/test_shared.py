@@ -1,0 +1,275 @@
+"""stages/shared.py against plain per-config scikit-learn on small random data."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from sklearn.covariance import EllipticEnvelope
+from sklearn.decomposition import PCA
+from sklearn.ensemble import IsolationForest
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import KernelDensity, LocalOutlierFactor
+from sklearn.svm import OneClassSVM
+
+from stages.shared import (
+    KDE_KERNELS,
+    Config,
+    gram_blockwise,
+    iforest_scores,
+    kde_bandwidth,
+    kde_log_density,
+    kde_log_norm,
+    pca_from_gram,
+    shared_scores,
+    study_configs,
+)
+
+N_ORIG, N_AUG, N_TEST, DIM = 30, 60, 20, 50
+
+
+@pytest.fixture(scope="module")
+def unit() -> dict:
+    """Rows: 30 train originals, 60 augmented copies, 20 test (10 shifted = anomalous)."""
+    rng = np.random.default_rng(7)
+    base = rng.gamma(2.0, 1.0, size=(N_ORIG, DIM))
+    aug = np.concatenate([base + rng.normal(0, 0.3, base.shape) for _ in range(2)])
+    test = rng.gamma(2.0, 1.0, size=(N_TEST, DIM))
+    test[N_TEST // 2 :] += rng.normal(0.8, 0.5, size=(N_TEST // 2, DIM))
+    X = np.concatenate([base, aug, test])
+    labels = np.r_[np.zeros(N_TEST // 2), np.ones(N_TEST // 2)]
+    rows = np.arange(len(X))
+    return {
+        "X": X,
+        "labels": labels,
+        "test": rows[N_ORIG + N_AUG :],
+        "train": {False: rows[:N_ORIG], True: rows[: N_ORIG + N_AUG]},
+        "gram": gram_blockwise(X, col_block=16),
+    }
+
+
+def sklearn_scores(config: Config, X_tr: np.ndarray, X_te: np.ndarray, seed: int) -> np.ndarray:
+    """The study's way: one plain estimator per config on the raw features."""
+    p = dict(config.params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if config.family == "OneClassSVM":
+            return -OneClassSVM(gamma="scale", max_iter=1000, **p).fit(X_tr).score_samples(X_te)
+        if config.family == "LocalOutlierFactor":
+            return -LocalOutlierFactor(novelty=True, **p).fit(X_tr).score_samples(X_te)
+        if config.family == "KernelDensity":
+            return -KernelDensity(**p).fit(X_tr).score_samples(X_te)
+        if config.family == "IsolationForest":
+            forest = IsolationForest(random_state=seed, **p).fit(X_tr)
+            return -forest.score_samples(X_te)
+        k = min(p["n_components"], *X_tr.shape)
+        pca = PCA(n_components=k, svd_solver="full", random_state=seed).fit(X_tr)
+        ee = EllipticEnvelope(random_state=seed).fit(pca.transform(X_tr))
+        return -ee.score_samples(pca.transform(X_te))
+
+
+def test_study_grid_has_71_configs() -> None:
+    configs = study_configs()
+    assert len(configs) == len(set(configs)) == 71
+    counts = {f: sum(c.family == f for c in configs) for f in {c.family for c in configs}}
+    assert counts == {
+        "OneClassSVM": 10,
+        "IsolationForest": 19,
+        "KernelDensity": 24,
+        "LocalOutlierFactor": 14,
+        "EllipticEnvelope": 4,
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gram_blockwise_matches_dense_product(dtype: type) -> None:
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(37, 300)) + 0.5).astype(dtype)
+    blocks = [X[:5], X[5:6], X[6:20], X[20:]]
+    table = [
+        pa.table({"feature": pa.FixedSizeListArray.from_arrays(pa.array(b.reshape(-1)), 300)})
+        for b in blocks
+    ]
+    X64 = X.astype(np.float64)
+    expected = X64 @ X64.T
+    # tiny memory budget: several passes with a row panel; col_block below the dimension
+    for source in (X, lambda: iter(blocks), lambda: iter(table)):
+        for memory in (1 << 30, 6 * 300 * X.itemsize):
+            gram = gram_blockwise(source, col_block=64, memory_bytes=memory)
+            np.testing.assert_allclose(gram.K, expected, rtol=1e-10, atol=0)
+            assert gram.n_features == 300
+    rows = np.r_[0:3, 10:30]
+    assert gram.var(rows) == pytest.approx(X64[rows].var(), rel=1e-12)
+    np.testing.assert_allclose(
+        gram.sq_dists(rows, rows[:4]),
+        ((X64[rows, None] - X64[None, rows[:4]]) ** 2).sum(-1),
+        rtol=1e-9,
+        atol=1e-9,
+    )
+
+
+@pytest.mark.parametrize("augmented", [False, True])
+def test_equivalence_with_plain_sklearn(unit: dict, augmented: bool) -> None:
+    X, gram, test, labels = unit["X"], unit["gram"], unit["test"], unit["labels"]
+    train = unit["train"][augmented]
+    configs = [
+        c
+        for c in study_configs()
+        if c.family != "IsolationForest" or c.get("n_estimators") in (10, 50, 300)
+    ]
+    errors: dict = {}
+    ours = shared_scores(gram, train, test, configs, seed=3, raw=X, errors=errors)
+    assert not errors
+    assert gram.var(train) == pytest.approx(X[train].var(), rel=1e-12)
+    off: dict[str, list[float]] = {}
+    for config in configs:
+        theirs = sklearn_scores(config, X[train], X[test], seed=3)
+        mine = ours[config]
+        assert mine.shape == theirs.shape
+        if config.family == "KernelDensity":
+            continue  # tree-based KDE is approximate here; checked exactly below
+        if config.family in ("LocalOutlierFactor", "IsolationForest", "EllipticEnvelope"):
+            np.testing.assert_allclose(mine, theirs, rtol=1e-7, err_msg=str(config))
+        auc_gap = abs(roc_auc_score(labels, mine) - roc_auc_score(labels, theirs))
+        off.setdefault(config.family, []).append(auc_gap)
+    # exact families: AUROC equal to 1e-9
+    for family in ("LocalOutlierFactor", "IsolationForest", "EllipticEnvelope"):
+        assert max(off[family]) <= 1e-9, (family, off[family])
+    # libsvm stops after max_iter=1000 on an iterate that can depend on last-bit kernel
+    # differences: the issue's yardstick (equal in >= 99% of experiments, never > 0.005)
+    assert max(off["OneClassSVM"]) <= 0.005, off["OneClassSVM"]
+
+
+def test_isolation_forest_prefix_is_bit_identical() -> None:
+    rng = np.random.default_rng(1)
+    X_tr, X_te = rng.normal(size=(300, 8)), rng.normal(size=(40, 8))
+    ours = iforest_scores(X_tr, X_te, [10, 70, 200], seed=5)
+    for n in (10, 70, 200):
+        forest = IsolationForest(n_estimators=n, random_state=5).fit(X_tr)
+        np.testing.assert_array_equal(ours[n], -forest.score_samples(X_te))
+
+
+def brute_force_log_density(
+    X_tr: np.ndarray, X_te: np.ndarray, h: float, kernel: str
+) -> np.ndarray:
+    """Independent float64 reference: direct distances, explicit normalisation, log-sum-exp."""
+    from math import lgamma, log, pi
+
+    d = X_tr.shape[1]
+    dist = np.sqrt(((X_te[:, None, :] - X_tr[None, :, :]) ** 2).sum(-1))
+    u = dist / h
+    with np.errstate(divide="ignore"):
+        log_k = {
+            "gaussian": -0.5 * u**2,
+            "tophat": np.where(u < 1, 0.0, -np.inf),
+            "epanechnikov": np.log(np.clip(1 - u**2, 0, None)),
+            "exponential": -u,
+            "linear": np.log(np.clip(1 - u, 0, None)),
+            "cosine": np.log(np.where(u < 1, np.cos(0.5 * pi * np.minimum(u, 1)), 0.0)),
+        }[kernel]
+    log_vn = 0.5 * d * log(pi) - lgamma(0.5 * d + 1)  # unit-ball volume
+    log_norm = {  # integral of the unnormalised kernel over R^d, h = 1
+        "gaussian": 0.5 * d * log(2 * pi),
+        "tophat": log_vn,
+        "epanechnikov": log_vn + log(2 / (d + 2)),
+        "exponential": log(d) + log_vn + lgamma(d),  # d V_d Gamma(d)
+        "linear": log_vn - log(d + 1),
+    }.get(kernel)
+    if log_norm is None:  # cosine: d V_d int_0^1 r^(d-1) cos(pi r / 2) dr, numerically
+        r = np.linspace(0, 1, 200001)
+        f = r ** (d - 1) * np.cos(0.5 * pi * r)
+        log_norm = log(d) + log_vn + log(np.sum((f[1:] + f[:-1]) / 2) * (r[1] - r[0]))
+    m = log_k.max(axis=1, keepdims=True)
+    finite = np.isfinite(m)
+    m = np.where(finite, m, 0.0)
+    with np.errstate(divide="ignore"):
+        lse = (m + np.log(np.exp(log_k - m).sum(axis=1, keepdims=True)))[:, 0]
+    return lse - log_norm - d * log(h) - log(len(X_tr))
+
+
+@pytest.mark.parametrize("kernel", KDE_KERNELS)
+def test_kde_equals_exact_float64_log_sum_exp(kernel: str) -> None:
+    rng = np.random.default_rng(2)
+    for dim, bandwidths in (
+        (4, (0.5, 1.0, 3.0, "scott", "silverman")),
+        (5, (0.5, 1.0, 3.0, "scott", "silverman")),
+        (50, (0.5, 1.0, 12.0, 14.0)),
+    ):
+        X_tr, X_te = rng.normal(size=(90, dim)), rng.normal(size=(20, dim))
+        gram = gram_blockwise(np.concatenate([X_tr, X_te]), col_block=16)
+        d2 = gram.sq_dists(np.arange(90, 110), np.arange(90))
+        for b in bandwidths:
+            h = kde_bandwidth(b, 90, dim)
+            ours = kde_log_density(d2, h, kernel, dim)
+            ref = brute_force_log_density(X_tr, X_te, h, kernel)
+            finite = np.isfinite(ref)
+            np.testing.assert_array_equal(np.isfinite(ours), finite)
+            rtol = 1e-9 if kernel != "cosine" else 1e-6  # reference norm by trapezoid
+            np.testing.assert_allclose(ours[finite], ref[finite], rtol=rtol, err_msg=f"{b}")
+
+
+@pytest.mark.parametrize("kernel", KDE_KERNELS)
+@pytest.mark.parametrize("algorithm", ["kd_tree", "ball_tree"])
+def test_kde_equals_exact_sklearn_in_low_dimension(kernel: str, algorithm: str) -> None:
+    """sklearn with atol=rtol=0 is exact in 3-d, except: for compact kernels a query with
+    no training point inside the bandwidth (true density 0) can get a finite tree bound."""
+    rng = np.random.default_rng(3)
+    X_tr, X_te = rng.normal(size=(120, 3)), rng.normal(size=(25, 3)) * 1.2
+    gram = gram_blockwise(np.concatenate([X_tr, X_te]))
+    d2 = gram.sq_dists(np.arange(120, 145), np.arange(120))
+    nearest = np.sqrt(((X_te[:, None] - X_tr[None]) ** 2).sum(-1)).min(axis=1)
+    for b in (0.5, 1.0, "scott", "silverman"):
+        kde = KernelDensity(bandwidth=b, kernel=kernel, atol=0, rtol=0, algorithm=algorithm)
+        theirs = kde.fit(X_tr).score_samples(X_te)
+        ours = kde_log_density(d2, kde.bandwidth_, kernel, 3)
+        empty = nearest >= kde.bandwidth_ if kernel not in ("gaussian", "exponential") else False
+        np.testing.assert_array_equal(np.isneginf(ours), empty)
+        np.testing.assert_allclose(ours[~empty], theirs[~empty], rtol=1e-9)
+
+
+def test_kde_norm_matches_sklearn() -> None:
+    """Equal to scikit-learn's, except the cosine kernel: its series is exact for odd d < 9 only
+    (wrong for even d, cancellation above, NaN from d ~ 50); ours integrates numerically.
+    The norm is one constant per feature set, so AUROC is unaffected."""
+    from sklearn.neighbors._ball_tree import kernel_norm
+
+    for kernel in KDE_KERNELS:
+        for d in (1, 2, 7, 50, 51) if kernel != "cosine" else (1, 3, 5, 7):
+            expected = kernel_norm(0.7, d, kernel, return_log=True)
+            assert kde_log_norm(0.7, d, kernel) == pytest.approx(expected, rel=1e-10)
+    # cosine, d = 2: integral of r cos(pi r / 2) over [0, 1] is 2/pi - 4/pi^2; S_1 = 2 pi
+    exact = -np.log(2 * np.pi * (2 / np.pi - 4 / np.pi**2))
+    assert kde_log_norm(1.0, 2, "cosine") == pytest.approx(exact, rel=1e-12)
+    assert np.isfinite(kde_log_norm(1.0, 25_088, "cosine"))
+
+
+def test_pca_from_gram_matches_sklearn_up_to_sign(unit: dict) -> None:
+    X, gram, test = unit["X"], unit["gram"], unit["test"]
+    train = unit["train"][True]
+    z_tr, z_te = pca_from_gram(gram.K, train, test, 32)
+    pca = PCA(n_components=32, svd_solver="full").fit(X[train])
+    ref_tr, ref_te = pca.transform(X[train]), pca.transform(X[test])
+    signs = np.sign(np.sum(z_tr * ref_tr, axis=0))
+    np.testing.assert_allclose(z_tr * signs, ref_tr, atol=1e-9)
+    np.testing.assert_allclose(z_te * signs, ref_te, atol=1e-9)
+
+
+def test_non_finite_features_give_nan_scores_not_crashes(unit: dict) -> None:
+    X = unit["X"].copy()
+    X[N_ORIG + 3, 4] = np.nan
+    gram = gram_blockwise(X)
+    configs = [
+        Config.of("OneClassSVM", kernel="rbf"),
+        Config.of("KernelDensity", bandwidth=1.0, kernel="gaussian"),
+        Config.of("LocalOutlierFactor", n_neighbors=4),
+        Config.of("EllipticEnvelope", n_components=8),
+    ]
+    errors: dict = {}
+    scores = shared_scores(gram, unit["train"][True], unit["test"], configs, errors=errors)
+    assert set(scores) == set(configs)
+    assert np.isnan(scores[configs[0]]).all()
+    assert set(errors) == {configs[3]}
+    clean = shared_scores(gram, unit["train"][False], unit["test"], configs)
+    assert all(np.isfinite(v).all() for v in clean.values())
