@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +17,28 @@ from tests.mvtec_fixtures import REPO, stage_env
 
 pytestmark = pytest.mark.slow
 
+STAGES = ("synth", "dataset", "augment", "extract", "evaluate", "report")
+
 
 def tiny_params() -> dict:
-    """The default params, shrunk so the whole pipeline runs in seconds."""
+    """The default params, shrunk so the whole pipeline runs in well under a minute."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["synth"].update(image_size=48, n_train=6, n_test_good=3, n_test_per_defect=2)
     params["synth"]["categories"] = ["weave", "chip"]
     params["data"]["categories"] = ["weave", "chip"]
+    params["extract"]["extractors"] = [
+        {"backbone": "resnet18", "init": "random", "layers": ["layer4"], "representations": ["avg"]}
+    ]
+    params["evaluate"]["detectors"] = [
+        {
+            "family": "LocalOutlierFactor",
+            "grid": {"n_neighbors": [2, 4]},
+            "fixed": {"novelty": True},
+        },
+        {"family": "KernelDensity", "grid": {"bandwidth": [1.0], "kernel": ["gaussian"]}},
+        {"family": "IsolationForest", "grid": {"n_estimators": [10, 20]}},
+    ]
+    params["evaluate"]["engine"]["n_workers"] = 1
     return params
 
 
@@ -57,11 +74,18 @@ def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
 def test_repro_twice_second_is_noop(tmp_path: Path) -> None:
     project = make_project(tmp_path, tiny_params())
     first = dvc(project, "repro")
-    for stage in ("synth", "dataset", "augment"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
     assert (project / "results/dataset/stats.md").exists()
     assert len(list((project / "cache/augment/weave").rglob("*.png"))) == 6 * 5
     assert not (project / "cache/augment/chip").exists()
+    # weave: augmented and not; chip: not augmented (a rotated chip is a defect). 5 configs.
+    with sqlite3.connect(project / "results/results.sqlite") as db:
+        rows = db.execute("SELECT category, augmented, status FROM experiments").fetchall()
+    assert len(rows) == (2 + 1) * 5 and {r[2] for r in rows} == {"done"}
+    metrics = json.loads((project / "results/metrics.json").read_text())
+    assert metrics  # the report's metrics for `dvc metrics show`
+    assert "Table 4" in (project / "results/report.md").read_text()
 
     second = dvc(project, "repro")
     assert "Running stage" not in second.stdout
