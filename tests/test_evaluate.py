@@ -73,11 +73,11 @@ def test_study_preset_expands_to_68160_experiments():
         for r in x.get("representations", ["flatten"])
     ]  # fmt: skip
     assert len(params.data.categories) == 15 and len(feature_sets) == 15 * 32
-    for policy, expected in (("both", 68_160), ("auto", (10 * 2 + 5) * 32 * 71)):
+    for policy, expected in (("auto", 68_160), ("both", 68_160), ("off", 34_080)):
         units = plan(feature_sets, params.augment.transforms, configs, [0], policy)
         keys = {e.key for _, exps in units for e in exps}
         assert len(keys) == sum(len(exps) for _, exps in units) == expected
-    assert evaluate_section["augmentation"] == "both"
+    assert evaluate_section["augmentation"] == "auto"
 
 
 @pytest.mark.parametrize(
