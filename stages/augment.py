@@ -145,7 +145,9 @@ def augment_category(
     removed = _remove_unplanned(cat_dir, {it["path"] for it in plan})
     if removed:
         log.info("%s: removed %d augmented images no longer configured", category, removed)
-    if not todo:
+    if not plan:
+        log.info("%s: no transforms configured (augment.transforms.%s: [])", category, category)
+    elif not todo:
         log.info("%s: %d augmented images up to date, skipped", category, len(plan))
     else:
         if len(plan) > len(todo):

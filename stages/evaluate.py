@@ -25,6 +25,24 @@ Params (section ``evaluate``; the feature sets come from ``<extract.out>/feature
 - ``scratch`` (``cache/evaluate``): timeout notes and fault reports; must be on a filesystem
   shared with the workers, like the feature shards.
 - ``seeds`` ([0]); ``timeout_s`` (600, null = none): per experiment, fit + score.
+- ``shared`` (true): compute the configs of a unit from shared quantities
+  (``stages.shared``): one float64 Gram over all the unit's rows, streamed from the shards,
+  serves OneClassSVM, LocalOutlierFactor, KernelDensity and EllipticEnvelope (after PCA) of
+  both augmentation choices; IsolationForest fits one forest per (augmented, seed) and
+  scores its tree prefixes. Each (augmented, seed, family) group is one call that scores
+  the test rows and, in-sample, the training rows (the honest threshold). A config the
+  shared code does not cover (``shared_config`` returns None: test-only families,
+  KernelDensity with another metric, LocalOutlierFactor other than euclidean) runs per
+  config, logged once per run. Scores equal scikit-learn's (AUROC to 1e-6), except
+  KernelDensity, which is the exact float64 log-sum-exp. Timing: ``fit_s`` is then the
+  experiment's amortised share of everything it needed: the Gram's seconds (streaming
+  included) split evenly over the unit's Gram-based experiments, plus its group call's
+  seconds split evenly over the group's configs; ``score_s`` is 0 (fit and score are one
+  computation). Deadlines: the Gram gets ``timeout_s`` x its experiments and a group call
+  ``timeout_s`` x its configs; past them the unit is split down to one experiment, whose
+  whole computation (Gram included) gets ``timeout_s``. false: one scikit-learn
+  estimator per config on the raw features (the reference; ``fit_s``/``score_s`` as
+  measured).
 - ``threshold_quantile`` (0.99): the honest threshold is this quantile of the training
   images' scores, so about ``1 - q`` of the good training images score above it. Training
   scores are in-sample (a KDE or LOF sees the point itself), so unseen good images exceed
@@ -46,11 +64,13 @@ only the current grid.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
+import uuid
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -60,6 +80,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import sklearn
 from distributed import Client
 from pydantic import Field, ValidationError, field_validator
@@ -78,10 +99,19 @@ from stages.detectors import (
 )
 from stages.engine import EngineParams, dask_client, deadline, run_units
 from stages.errors import UserError, run_cli, setup_logging
-from stages.features import load_feature_set
+from stages.features import (
+    META_COLUMNS,
+    FeatureSet,
+    iter_shard_tables,
+    load_feature_set,
+    read_manifest,
+)
 from stages.io import stable_hash, write_json_atomic
 from stages.metrics import threshold_metrics
 from stages.params import Section, load_params, load_section, stage_args
+from stages.shared import FAMILIES as SHARED_FAMILIES
+from stages.shared import Config as SharedConfig
+from stages.shared import Gram, gram_blockwise, iforest_scores, shared_scores
 from stages.results_db import (
     FINAL_NOT_DONE,
     ExperimentRow,
@@ -112,6 +142,7 @@ class EvaluateParams(Section):
     # auto: augmented=true only where augment.transforms[category] is non-empty;
     # both: augmented true and false for every category (the study's 68,160); off: false only.
     augmentation: Literal["auto", "both", "off"] = "auto"
+    shared: bool = True  # stages.shared computation; false = one estimator per config
     detectors: Annotated[list[DetectorSpec], Field(min_length=1)] = Field(
         default_factory=lambda: [DetectorSpec.model_validate(d) for d in STUDY_DETECTORS]
     )
@@ -160,6 +191,7 @@ class Unit:
     timeout_s: float | None
     notes: str  # folder of deadline notes, one ``<key>.json`` per timed-out experiment
     threshold_quantile: float = 0.99
+    shared: bool = True
 
     def label(self) -> str:
         f = self.features
@@ -265,25 +297,35 @@ def _row(features: FeatureSetEntry, exp: Planned, outcome: Outcome, y: np.ndarra
     )  # fmt: skip
 
 
-def evaluate_unit(unit: Unit) -> list[ExperimentRow]:
-    """Run a unit's experiments (in a Dask worker): read the shards, fit, score, measure."""
-    features = unit.features
-    fs = load_feature_set(features.folder)
-    if fs.manifest.get("content_hash") != features.content_hash:
-        raise RuntimeError(
-            f"{features.folder}: content hash {fs.manifest.get('content_hash')} differs from "
-            f"{FEATURE_SETS_FILE} ({features.content_hash}); rerun the extract stage"
-        )
+def _per_image(fs: FeatureSet) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     test = fs.rows("test")
-    X_test, y = fs.X[test], fs.is_anomaly[test].astype(bool)
+    y = fs.is_anomaly[test].astype(bool)
     per_image = {
         "image_ids": fs.image_id[test].tolist(),
         "defect_types": fs.defect_type[test].tolist(),
         "is_anomaly": y.tolist(),
     }
+    return test, y, per_image
+
+
+def _check_hash(features: FeatureSetEntry, manifest: dict[str, Any]) -> None:
+    if manifest.get("content_hash") != features.content_hash:
+        raise RuntimeError(
+            f"{features.folder}: content hash {manifest.get('content_hash')} differs from "
+            f"{FEATURE_SETS_FILE} ({features.content_hash}); rerun the extract stage"
+        )
+
+
+def _group_by(exp: Planned) -> tuple[bool, int, str]:
+    return exp.augmented, exp.seed, exp.detector.family
+
+
+def _per_config_rows(unit: Unit, fs: FeatureSet, experiments: Sequence[Planned]) -> list[ExperimentRow]:
+    """The reference path: one scikit-learn estimator per config, each under its deadline."""
+    test, y, per_image = _per_image(fs)
+    X_test = fs.X[test]
     rows = []
-    group_by = lambda e: (e.augmented, e.seed, e.detector.family)  # noqa: E731
-    for (augmented, seed, family), group in groupby(unit.experiments, key=group_by):
+    for (augmented, seed, family), group in groupby(experiments, key=_group_by):
         group = list(group)
         X_train = fs.X[fs.rows("train", augmented)]
         meta = {"n_train": len(X_train), "n_test": len(X_test), "dim": fs.X.shape[1]}
@@ -295,11 +337,205 @@ def evaluate_unit(unit: Unit) -> list[ExperimentRow]:
             for exp in group:
                 with deadline(unit.timeout_s, Path(unit.notes) / f"{exp.key}.json"):
                     outcome = next(outcomes)
-                row = _row(features, exp, outcome, y, meta, unit.threshold_quantile)
-                if row.status == "done":
-                    row = replace(row, **per_image)
-                rows.append(row)
+                rows.append(_finish(unit, exp, outcome, y, meta, per_image))
     return rows
+
+
+def _finish(unit: Unit, exp: Planned, outcome: Outcome, y: np.ndarray, meta: dict[str, Any],
+            per_image: dict[str, Any]) -> ExperimentRow:  # fmt: skip
+    row = _row(unit.features, exp, outcome, y, meta, unit.threshold_quantile)
+    return replace(row, **per_image) if row.status == "done" else row
+
+
+# --- shared computation ----------------------------------------------------------------------
+
+
+def shared_config(detector: DetectorConfig) -> SharedConfig | None:
+    """The ``stages.shared`` config giving ``detector``'s scores, or None (run per config).
+
+    Covered: every OneClassSVM, IsolationForest and EllipticEnvelope config; KernelDensity
+    with the euclidean metric; LocalOutlierFactor with euclidean distances (``minkowski``
+    with ``p=2``, or ``euclidean``). Everything else, e.g. the test-only families, is None.
+    """
+    family = FAMILIES.get(detector.family)
+    if family is None or detector.family not in SHARED_FAMILIES:
+        return None
+    p = family.hyper.model_validate(detector.kwargs).model_dump()
+    name = detector.family
+    if name == "KernelDensity":
+        if p["metric"] != "euclidean":
+            return None
+        return SharedConfig.of(name, bandwidth=p["bandwidth"], kernel=p["kernel"])
+    if name == "LocalOutlierFactor":
+        if not (p["metric"] == "euclidean" or (p["metric"] == "minkowski" and p["p"] == 2)):
+            return None
+        return SharedConfig.of(name, n_neighbors=p["n_neighbors"])
+    if name == "EllipticEnvelope":
+        extra = {} if p["support_fraction"] is None else {"support_fraction": p["support_fraction"]}
+        return SharedConfig.of(name, pca_components=p["pca_components"], **extra)
+    return SharedConfig.of(name, **p)  # OneClassSVM (max_iter explicit), IsolationForest
+
+
+def _nonfinite_error(n_bad: int) -> str:
+    return (f"ValueError: Input contains NaN or infinity: {n_bad} of the train/test rows "
+            "have non-finite features (shared computation)")  # fmt: skip
+
+
+def shared_outcomes(
+    gram: Gram | None,
+    train: np.ndarray,
+    test: np.ndarray,
+    detectors: Sequence[DetectorConfig],
+    seed: int,
+    *,
+    raw: np.ndarray | None = None,
+    finite: np.ndarray | None = None,
+    n_jobs: int = 1,
+) -> list[Outcome]:
+    """One ``Outcome`` per detector of one family from the unit's shared quantities.
+
+    ``train``/``test`` are integer row indices of ``gram`` (and of ``raw``, the feature rows,
+    needed for IsolationForest, which does not use the Gram). One call scores the test rows
+    followed by the training rows, so each outcome carries the in-sample ``train_scores``
+    that ``score_samples(X_train)`` of the fitted estimator gives (a LOF or KDE training
+    point is its own neighbour at distance 0, as in scikit-learn). ``finite``: per-row flag;
+    a group with a non-finite row fails like scikit-learn does. Each outcome's ``fit_s`` is
+    the call's seconds split evenly over the detectors, ``score_s`` 0.
+    """
+    t0 = time.perf_counter()
+    configs = [shared_config(d) for d in detectors]
+    if any(c is None for c in configs):
+        raise ValueError("shared_outcomes got a config stages.shared does not cover")
+    queries = np.concatenate([test, train])
+    n_test = len(test)
+    errors: dict[SharedConfig, str] = {}
+    scores: dict[SharedConfig, np.ndarray] = {}
+    n_bad = 0 if finite is None else int((~finite[queries]).sum())
+    if n_bad:
+        errors = dict.fromkeys(configs, _nonfinite_error(n_bad))
+    elif detectors and detectors[0].family == "IsolationForest":
+        assert raw is not None, "IsolationForest needs the raw feature rows"
+        scores = _iforest_group(raw, train, queries, configs, seed, errors)
+    else:
+        assert gram is not None, "the Gram-based families need the unit's Gram"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores = shared_scores(gram, train, queries, configs, seed=seed, raw=raw,
+                                   feature_dtype=np.float32, n_jobs=n_jobs, errors=errors)  # fmt: skip
+    share = (time.perf_counter() - t0) / max(len(configs), 1)
+    outcomes = []
+    for config in configs:
+        if config in errors:
+            outcomes.append(Outcome(None, share, 0.0, errors[config]))
+        else:
+            s = np.asarray(scores[config], dtype=np.float64)
+            outcomes.append(Outcome(s[:n_test], share, 0.0, train_scores=s[n_test:]))
+    return outcomes
+
+
+def _iforest_group(raw: np.ndarray, train: np.ndarray, queries: np.ndarray,
+                   configs: Sequence[SharedConfig], seed: int,
+                   errors: dict[SharedConfig, str]) -> dict[SharedConfig, np.ndarray]:  # fmt: skip
+    """IsolationForest configs: one forest per set of non-size params, scored by prefixes."""
+    forests: dict[tuple, list[SharedConfig]] = {}
+    for config in configs:
+        forests.setdefault(tuple(kv for kv in config.params if kv[0] != "n_estimators"),
+                           []).append(config)  # fmt: skip
+    out: dict[SharedConfig, np.ndarray] = {}
+    X_train, X_queries = raw[train], raw[queries]
+    for params, group in forests.items():
+        sizes = [int(c.get("n_estimators", 100)) for c in group]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                by_size = iforest_scores(X_train, X_queries, sizes, seed, **dict(params))
+        except Exception as exc:  # e.g. max_features > dim: fails at fit, as in sklearn
+            errors.update(dict.fromkeys(group, error_text(exc)))
+            continue
+        out.update({c: by_size[n] for c, n in zip(group, sizes, strict=True)})
+    return out
+
+
+def read_row_meta(folder: str | Path) -> FeatureSet:
+    """A feature set's manifest and row metadata without its features (``X`` has 0 columns)."""
+    tables = list(iter_shard_tables(folder, columns=list(META_COLUMNS)))
+    manifest = read_manifest(folder)
+    assert manifest is not None
+    table = pa.concat_tables(tables)
+    meta = {c: table.column(c).to_numpy(zero_copy_only=False) for c in META_COLUMNS}
+    return FeatureSet(
+        manifest=manifest,
+        image_id=meta["image_id"].astype(str),
+        split=meta["split"].astype(str),
+        source=meta["source"].astype(str),
+        defect_type=meta["defect_type"].astype(str),
+        is_anomaly=meta["is_anomaly"].astype(bool),
+        X=np.empty((table.num_rows, 0), dtype=np.float32),
+    )
+
+
+def _shared_rows(unit: Unit, experiments: Sequence[Planned], fallback: Sequence[Planned]) -> list[ExperimentRow]:
+    """The shared path for ``experiments``; ``fallback`` run per config on the same rows."""
+    features = unit.features
+    needs_raw = bool(fallback) or any(e.detector.family == "IsolationForest" for e in experiments)
+    fs = load_feature_set(features.folder) if needs_raw else read_row_meta(features.folder)
+    _check_hash(features, fs.manifest)
+    test_mask, y, per_image = _per_image(fs)
+    test = np.flatnonzero(test_mask)
+    notes = Path(unit.notes)
+    atomic = len(unit.experiments) == 1
+    group_note = notes / f"group-{uuid.uuid4().hex}.json"
+
+    def budget(n: int) -> float | None:  # a single-experiment unit has one outer deadline
+        return None if unit.timeout_s is None or atomic else unit.timeout_s * n
+
+    rows: list[ExperimentRow] = []
+    on_gram = [e for e in experiments if e.detector.family != "IsolationForest"]
+    with contextlib.ExitStack() as stack:
+        if atomic:
+            stack.enter_context(deadline(unit.timeout_s, notes / f"{unit.experiments[0].key}.json"))
+        gram, gram_share = None, 0.0
+        finite = np.isfinite(fs.X).all(axis=1) if needs_raw else None
+        if on_gram:
+            t0 = time.perf_counter()
+            with deadline(budget(len(on_gram)), group_note):
+                if needs_raw:
+                    gram = gram_blockwise(fs.X)
+                else:
+                    gram = gram_blockwise(
+                        lambda: iter_shard_tables(features.folder, columns=["feature"])
+                    )
+            gram_share = (time.perf_counter() - t0) / len(on_gram)
+            finite = np.isfinite(np.diagonal(gram.K))  # a NaN/inf feature makes K_ii non-finite
+        dim = gram.n_features if gram is not None else fs.X.shape[1]
+        for (augmented, seed, family), group in groupby(experiments, key=_group_by):
+            group = list(group)
+            train = np.flatnonzero(fs.rows("train", augmented))
+            meta = {"n_train": len(train), "n_test": len(test), "dim": dim}
+            with deadline(budget(len(group)), group_note):
+                outcomes = shared_outcomes(gram, train, test, [e.detector for e in group], seed,
+                                           raw=fs.X if needs_raw else None, finite=finite)  # fmt: skip
+            for exp, outcome in zip(group, outcomes, strict=True):
+                if family != "IsolationForest":
+                    outcome.fit_s += gram_share
+                rows.append(_finish(unit, exp, outcome, y, meta, per_image))
+    if fallback:
+        rows += _per_config_rows(unit, fs, fallback)
+    return rows
+
+
+def evaluate_unit(unit: Unit) -> list[ExperimentRow]:
+    """Run a unit's experiments (in a Dask worker): read the shards, fit, score, measure."""
+    if not unit.shared:
+        fs = load_feature_set(unit.features.folder)
+        _check_hash(unit.features, fs.manifest)
+        return _per_config_rows(unit, fs, unit.experiments)
+    covered = [e for e in unit.experiments if shared_config(e.detector) is not None]
+    fallback = [e for e in unit.experiments if shared_config(e.detector) is None]
+    if fallback:
+        log.info("%s: %d experiments not covered by stages.shared run per config (%s)",
+                 unit.label(), len(fallback), ", ".join(sorted({e.detector.name for e in fallback})))  # fmt: skip
+    return _shared_rows(unit, covered, fallback)
 
 
 # --- stage side ------------------------------------------------------------------------------
@@ -308,7 +544,7 @@ def evaluate_unit(unit: Unit) -> list[ExperimentRow]:
 def code_version() -> str:
     """Package version plus a hash of the evaluation code and scikit-learn's version."""
     digest = hashlib.sha256(sklearn.__version__.encode())
-    for name in ("detectors.py", "engine.py", "evaluate.py", "metrics.py"):
+    for name in ("detectors.py", "engine.py", "evaluate.py", "metrics.py", "shared.py"):
         digest.update((Path(__file__).parent / name).read_bytes())
     return f"0.1.0+{digest.hexdigest()[:12]}"
 

@@ -50,8 +50,11 @@ def make_project(tmp_path: Path, params: dict) -> Path:
         REPO / "stages", project / "stages", ignore=shutil.ignore_patterns("__pycache__")
     )
     shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", project / ".gitignore")
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc(project, "init", "--no-scm", "-q")
+    # A git repository like this one, so DVC applies the same rules (e.g. an ignored dvc.lock).
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    dvc(project, "init", "-q")
     dvc(project, "config", "core.analytics", "false")
     return project
 
