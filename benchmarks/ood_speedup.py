@@ -1,5 +1,10 @@
 """Benchmark: plain per-config scikit-learn against the shared evaluator (stages/shared.py).
 
+"Ours" is the evaluate stage's own shared path: the unit's Gram (``gram_blockwise``) and,
+per (augmented, family) group, ``stages.evaluate.shared_outcomes``, which also scores the
+training rows in-sample (the honest threshold) and so does more work than the plain side.
+"Plain" fits the stage's per-config estimators (``evaluate.shared: false``) on the test rows.
+
 On the shared MVTec AD bottle category, ResNet18 with random init (``torch.manual_seed(0)``),
 layers 1-4 flattened, augmented and not. Prints, per family and in total, wall and CPU
 seconds, peak RSS, the speed ratio and the AUROC agreement, then projects the full study grid.
@@ -23,7 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.shared import FAMILIES, Config, gram_blockwise, shared_scores, study_configs
+from stages.detectors import FAMILIES as DETECTOR_FAMILIES
+from stages.detectors import STUDY_DETECTORS, DetectorConfig, expand_detectors
+from stages.evaluate import shared_outcomes
+from stages.shared import FAMILIES, gram_blockwise
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad" / "bottle"
 CACHE = Path("/tmp/ood_bench_cache")
@@ -196,30 +204,14 @@ class Cost:
         self.extrapolated |= other.extrapolated
 
 
-def plain_sklearn(config: Config, X_tr: np.ndarray, X_te: np.ndarray, seed: int) -> np.ndarray:
-    """The study's way: one scikit-learn estimator per config on the raw features."""
-    from sklearn.covariance import EllipticEnvelope
-    from sklearn.decomposition import PCA
-    from sklearn.ensemble import IsolationForest
-    from sklearn.neighbors import KernelDensity, LocalOutlierFactor
-    from sklearn.svm import OneClassSVM
-
-    p = dict(config.params)
+def plain_sklearn(
+    config: DetectorConfig, X_tr: np.ndarray, X_te: np.ndarray, seed: int
+) -> np.ndarray:
+    """The study's way: the stage's per-config scikit-learn estimator on the raw features."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if config.family == "OneClassSVM":
-            model = OneClassSVM(gamma="scale", max_iter=1000, **p).fit(X_tr)
-            return -model.score_samples(X_te)
-        if config.family == "LocalOutlierFactor":
-            return -LocalOutlierFactor(novelty=True, **p).fit(X_tr).score_samples(X_te)
-        if config.family == "KernelDensity":
-            return -KernelDensity(**p).fit(X_tr).score_samples(X_te)
-        if config.family == "IsolationForest":
-            return -IsolationForest(random_state=seed, **p).fit(X_tr).score_samples(X_te)
-        k = min(p["n_components"], *X_tr.shape)
-        pca = PCA(n_components=k, svd_solver="full", random_state=seed).fit(X_tr)
-        model = EllipticEnvelope(random_state=seed).fit(pca.transform(X_tr))
-        return -model.score_samples(pca.transform(X_te))
+        model = DETECTOR_FAMILIES[config.family].estimator(config.kwargs, seed).fit(X_tr)
+        return -model.score_samples(X_te)
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -230,12 +222,12 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def config_weight(config: Config) -> float:
+def config_weight(config: DetectorConfig) -> float:
     """Relative cost of a config inside its family, for extrapolating unmeasured configs."""
     if config.family == "IsolationForest":
-        return float(config.get("n_estimators"))
+        return float(config.kwargs["n_estimators"])
     if config.family == "EllipticEnvelope":
-        return float(config.get("n_components")) ** 2
+        return float(config.kwargs["pca_components"]) ** 2
     return 1.0
 
 
@@ -253,20 +245,25 @@ def run_unit(
     test = np.flatnonzero(role == "test")
     trains = {False: np.flatnonzero(role == "train"), True: np.flatnonzero(role != "test")}
     y = label[test]
-    configs = [c for c in study_configs() if c.family in families]
+    configs = [c for c in expand_detectors(STUDY_DETECTORS) if c.family in families]
     plain: dict[str, Cost] = {f: Cost() for f in families}
     ours: dict[str, Cost] = {f: Cost() for f in (*families, "Gram")}
     aucs: dict[tuple, tuple[float, float]] = {}
     X_all = np.ascontiguousarray(X)
     with Meter() as meter:
         gram = gram_blockwise(X_all)
+        finite = np.isfinite(np.diagonal(gram.K))
     ours["Gram"].add(meter)
     for augmented, train in trains.items():
         X_tr, X_te = X_all[train], X_all[test]
         for family in families:
             fam = [c for c in configs if c.family == family]
             with Meter() as meter:
-                mine = shared_scores(gram, train, test, fam, seed=seed, raw=X_all, n_jobs=n_jobs)
+                outcomes = shared_outcomes(
+                    gram, train, test, fam, seed, raw=X_all, finite=finite, n_jobs=n_jobs
+                )
+                mine = {c: o.scores if o.error is None else np.full(len(test), np.nan)
+                        for c, o in zip(fam, outcomes, strict=True)}  # fmt: skip
             ours[family].add(meter)
             ours[family].measured += len(fam)
             ours[family].total += len(fam)
@@ -338,7 +335,7 @@ def print_table(plain: dict[str, Cost], ours: dict[str, Cost], aucs: dict) -> No
     if kde:
         print("\nKernelDensity AUROC, ours (exact float64) vs scikit-learn's tree estimate:")
         for aug, c, a, b in kde:
-            print(f"  aug={aug!s:<5} {c!s:<58} ours {a:.4f}  sklearn {b:.4f}")
+            print(f"  aug={aug!s:<5} {c.name:<58} ours {a:.4f}  sklearn {b:.4f}")
 
 
 # The study's grid: 15 MVTec categories x {resnet18, resnet50, vit_b_16, vit_b_32} x
@@ -417,7 +414,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="plain-loop budget per family, layer and augmentation choice; "
                         "the remaining configs are extrapolated")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-jobs", type=int, default=2, help="EllipticEnvelope processes")
+    parser.add_argument(
+        "--n-jobs",
+        type=int,
+        default=1,
+        help="EllipticEnvelope processes (the stage uses 1 per worker)",
+    )
     parser.add_argument("--extract-only", action="store_true")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
@@ -429,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.extract_only:
         return
     role, label = feats["role"], feats["label"]
-    n_configs = sum(c.family in args.families for c in study_configs())
+    n_configs = sum(c.family in args.families for c in expand_detectors(STUDY_DETECTORS))
     progress = tqdm(total=n_configs * 2 * len(args.layers), desc="plain sklearn configs")
     totals_plain = {f: Cost() for f in args.families}
     totals_ours = {f: Cost() for f in (*args.families, "Gram")}

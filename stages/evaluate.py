@@ -109,9 +109,6 @@ from stages.features import (
 from stages.io import stable_hash, write_json_atomic
 from stages.metrics import threshold_metrics
 from stages.params import Section, load_params, load_section, stage_args
-from stages.shared import FAMILIES as SHARED_FAMILIES
-from stages.shared import Config as SharedConfig
-from stages.shared import Gram, gram_blockwise, iforest_scores, shared_scores
 from stages.results_db import (
     FINAL_NOT_DONE,
     ExperimentRow,
@@ -121,6 +118,9 @@ from stages.results_db import (
     threshold_quantiles,
     upsert,
 )
+from stages.shared import FAMILIES as SHARED_FAMILIES
+from stages.shared import Config as SharedConfig
+from stages.shared import Gram, gram_blockwise, iforest_scores, shared_scores
 
 RETRY_ENV = "OOD_RETRY_FAILED"
 FEATURE_SETS_FILE = "feature_sets.json"
@@ -320,7 +320,9 @@ def _group_by(exp: Planned) -> tuple[bool, int, str]:
     return exp.augmented, exp.seed, exp.detector.family
 
 
-def _per_config_rows(unit: Unit, fs: FeatureSet, experiments: Sequence[Planned]) -> list[ExperimentRow]:
+def _per_config_rows(
+    unit: Unit, fs: FeatureSet, experiments: Sequence[Planned]
+) -> list[ExperimentRow]:
     """The reference path: one scikit-learn estimator per config, each under its deadline."""
     test, y, per_image = _per_image(fs)
     X_test = fs.X[test]
@@ -399,7 +401,7 @@ def shared_outcomes(
     followed by the training rows, so each outcome carries the in-sample ``train_scores``
     that ``score_samples(X_train)`` of the fitted estimator gives (a LOF or KDE training
     point is its own neighbour at distance 0, as in scikit-learn). ``finite``: per-row flag;
-    a group with a non-finite row fails like scikit-learn does. Each outcome's ``fit_s`` is
+    a Gram-based group with a non-finite row fails like scikit-learn does. Each outcome's ``fit_s`` is
     the call's seconds split evenly over the detectors, ``score_s`` 0.
     """
     t0 = time.perf_counter()
@@ -410,10 +412,12 @@ def shared_outcomes(
     n_test = len(test)
     errors: dict[SharedConfig, str] = {}
     scores: dict[SharedConfig, np.ndarray] = {}
-    n_bad = 0 if finite is None else int((~finite[queries]).sum())
+    is_forest = bool(detectors) and detectors[0].family == "IsolationForest"
+    # scikit-learn's IsolationForest accepts NaN (its trees route missing values): no check
+    n_bad = 0 if finite is None or is_forest else int((~finite[queries]).sum())
     if n_bad:
         errors = dict.fromkeys(configs, _nonfinite_error(n_bad))
-    elif detectors and detectors[0].family == "IsolationForest":
+    elif is_forest:
         assert raw is not None, "IsolationForest needs the raw feature rows"
         scores = _iforest_group(raw, train, queries, configs, seed, errors)
     else:
@@ -474,7 +478,9 @@ def read_row_meta(folder: str | Path) -> FeatureSet:
     )
 
 
-def _shared_rows(unit: Unit, experiments: Sequence[Planned], fallback: Sequence[Planned]) -> list[ExperimentRow]:
+def _shared_rows(
+    unit: Unit, experiments: Sequence[Planned], fallback: Sequence[Planned]
+) -> list[ExperimentRow]:
     """The shared path for ``experiments``; ``fallback`` run per config on the same rows."""
     features = unit.features
     needs_raw = bool(fallback) or any(e.detector.family == "IsolationForest" for e in experiments)
@@ -701,12 +707,19 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
                          len(todo))  # fmt: skip
             if todo:
                 units.append(Unit(fs, todo, params.timeout_s, str(notes.resolve()),
-                                  params.threshold_quantile))  # fmt: skip
+                                  params.threshold_quantile, params.shared))  # fmt: skip
         n_todo = sum(len(u.experiments) for u in units)
         not_done = sum(1 for k in keys if known.get(k) in FINAL_NOT_DONE)
         log.info("%d experiments in the grid (%d feature sets x %d detector configs x "
                  "%d seeds, augmentation %s); %d to run", len(keys), len(feature_sets),
                  len(detectors), len(params.seeds), params.augmentation, n_todo)  # fmt: skip
+        per_config = [d.name for d in detectors if shared_config(d) is None]
+        if params.shared and per_config:
+            log.info("shared computation: %d of %d detector configs; per config (not covered "
+                     "by stages.shared): %s", len(detectors) - len(per_config), len(detectors),
+                     ", ".join(per_config))  # fmt: skip
+        elif not params.shared:
+            log.info("evaluate.shared is false: one scikit-learn estimator per config")
         if not_done and not retry:
             log.info("%d failed/crashed/timeout experiments are kept; set "
                      "evaluate.retry_failed: true or %s=1 to retry them", not_done,

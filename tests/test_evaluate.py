@@ -122,7 +122,7 @@ def _plain_sklearn(family: str, kw: dict, seed: int, n_train: int, dim: int):
 
 def test_stored_auroc_equals_plain_sklearn_for_all_71_configs(tmp_path, client):
     params = make_workspace(tmp_path, categories={"bottle": ["rot90"]}, extractors=[EXTRACTOR],
-                            evaluate={"seeds": [3], "augmentation": "off"},
+                            evaluate={"seeds": [3], "augmentation": "off", "shared": False},
                             n_train=40, n_test=24, dims=(12,))  # fmt: skip
     folder = json.loads((tmp_path / "features" / "feature_sets.json").read_text())[0]["folder"]
     fs = load_feature_set(folder)

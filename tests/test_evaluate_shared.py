@@ -1,0 +1,215 @@
+"""Evaluate stage with ``evaluate.shared: true``: parity with plain scikit-learn per config.
+
+``evaluate_unit`` runs here in-process (no Dask, no deadline) on one small feature set with
+both augmentation choices and the study's 71 configs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from scipy.special import logsumexp
+from sklearn.metrics import roc_auc_score
+
+from stages.detectors import (
+    FAMILIES,
+    STUDY_DETECTORS,
+    DetectorConfig,
+    expand_detectors,
+    ranking_scores,
+)
+from stages.evaluate import (
+    FeatureSetEntry,
+    Unit,
+    evaluate_unit,
+    plan,
+    shared_config,
+    shared_outcomes,
+)
+from stages.features import MANIFEST, load_feature_set
+from stages.results_db import ExperimentRow
+from stages.shared import gram_blockwise
+from tests.eval_fixtures import write_feature_set
+
+SEED = 3
+TOLERANT = ("LocalOutlierFactor", "EllipticEnvelope", "IsolationForest", "OneClassSVM")
+FALLBACK = DetectorConfig("KernelDensity", (("bandwidth", 1.0), ("metric", "manhattan")))
+
+
+def _unit(folder: Path, notes: Path, detectors: list[DetectorConfig], shared: bool) -> Unit:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    entry = FeatureSetEntry(category="bottle", backbone="resnet18", init="random",
+                            layer="layer2", representation="flatten", folder=str(folder),
+                            content_hash=manifest["content_hash"])  # fmt: skip
+    ((fs, experiments),) = plan([entry], {"bottle": ["rot90"]}, detectors, [SEED])
+    return Unit(fs, tuple(experiments), None, str(notes), 0.99, shared)
+
+
+def _kde_brute(X_train: np.ndarray, X_query: np.ndarray, params: dict) -> np.ndarray:
+    """``-log density`` up to a per-config constant: exact float64 log-sum-exp."""
+    a, b = X_query.astype(np.float64), X_train.astype(np.float64)
+    dist = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=-1))
+    n, d = b.shape
+    h = {"scott": n ** (-1 / (d + 4)), "silverman": (n * (d + 2) / 4) ** (-1 / (d + 4))}.get(
+        params["bandwidth"], params["bandwidth"]
+    )
+    u = dist / h
+    with np.errstate(divide="ignore"):
+        log_k = {
+            "gaussian": -0.5 * u**2,
+            "exponential": -u,
+            "tophat": np.where(u < 1, 0.0, -np.inf),
+            "epanechnikov": np.where(u < 1, np.log(np.maximum(1 - u**2, 0)), -np.inf),
+            "linear": np.where(u < 1, np.log(np.maximum(1 - u, 0)), -np.inf),
+            "cosine": np.where(u < 1, np.log(np.maximum(np.cos(0.5 * math.pi * u), 0)), -np.inf),
+        }[params["kernel"]]
+    return -logsumexp(log_k, axis=1)
+
+
+def _assert_equal_up_to_constant(got: np.ndarray, brute: np.ndarray) -> None:
+    assert np.array_equal(np.isposinf(got), np.isposinf(brute))
+    finite = np.isfinite(brute)
+    assert np.isfinite(got[finite]).all()
+    if finite.any():
+        offset = got[finite] - brute[finite]
+        np.testing.assert_allclose(offset, offset[0], rtol=0, atol=1e-9 * (1 + abs(offset[0])))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shared")
+    folder = root / "features"
+    write_feature_set(folder, n_train=40, n_test=24, dim=12, transforms=["rot90"], seed=7)
+    detectors = [*expand_detectors(STUDY_DETECTORS), FALLBACK]
+    shared = evaluate_unit(_unit(folder, root, detectors, shared=True))
+    per_config = evaluate_unit(_unit(folder, root, detectors, shared=False))
+    return folder, _unit(folder, root, detectors, True), shared, per_config
+
+
+def _by_key(rows: list[ExperimentRow]) -> dict[str, ExperimentRow]:
+    return {r.key: r for r in rows}
+
+
+def test_all_71_configs_match_plain_sklearn_within_the_issue_tolerances(workspace):
+    """AUROC and the honest threshold (from the in-sample training scores) vs per config."""
+    folder, unit, shared, per_config = workspace
+    fs = load_feature_set(folder)
+    test = fs.rows("test")
+    X_test, y = fs.X[test], fs.is_anomaly[test]
+    shared, plain = _by_key(shared), _by_key(per_config)  # per config = scikit-learn's
+    assert len(shared) == 2 * 72
+    d_auroc: dict[str, list[float]] = {f: [] for f in TOLERANT}
+    d_threshold: dict[str, list[float]] = {f: [] for f in TOLERANT}
+    for exp in unit.experiments:
+        row, ref = shared[exp.key], plain[exp.key]
+        assert row.status == ref.status == "done", (exp.detector.name, row.error)
+        assert (row.n_train, row.n_test, row.dim) == (40 * (1 + exp.augmented), 24, 12)
+        got = np.asarray(row.scores, dtype=np.float64)
+        if exp.detector == FALLBACK:  # per config in both runs: exactly scikit-learn
+            np.testing.assert_allclose(got, ref.scores, rtol=0, atol=1e-9)
+            continue
+        if exp.detector.family == "KernelDensity":  # exact log-sum-exp, not sklearn's tree
+            X_train = fs.X[fs.rows("train", exp.augmented)]
+            brute = _kde_brute(X_train, X_test, exp.detector.kwargs)
+            _assert_equal_up_to_constant(got, brute)
+            assert row.auroc == pytest.approx(roc_auc_score(y, ranking_scores(brute)), abs=1e-12)
+            continue
+        d_auroc[exp.detector.family].append(abs(row.auroc - ref.auroc))
+        want = ref.thresholds["threshold_honest"]
+        diff = abs(row.thresholds["threshold_honest"] - want) / (1 + abs(want))
+        d_threshold[exp.detector.family].append(diff)
+    for family in TOLERANT:
+        for what, diffs in (("AUROC", d_auroc[family]), ("threshold", d_threshold[family])):
+            diffs = np.array(diffs)
+            assert len(diffs) > 0
+            assert (diffs <= 1e-6).mean() >= 0.99 and diffs.max() <= 0.005, (family, what, diffs)
+
+
+def test_shared_train_scores_are_sklearns_in_sample_scores(workspace):
+    """``Outcome.train_scores`` equal ``-score_samples(X_train)`` of the fitted estimator.
+
+    LOF and KDE see the training point itself (a neighbour at distance 0; its own kernel),
+    as scikit-learn's ``score_samples`` on the training rows does. Per experiment, the
+    largest deviation relative to the scores' spread; KDE against the brute force.
+    """
+    folder, unit, _, _ = workspace
+    fs = load_feature_set(folder)
+    gram = gram_blockwise(fs.X)
+    test = np.flatnonzero(fs.rows("test"))
+    deviations: dict[str, list[float]] = {f: [] for f in TOLERANT}
+    for augmented in (False, True):
+        train = np.flatnonzero(fs.rows("train", augmented))
+        X_train = fs.X[train]
+        for family in FAMILIES:
+            configs = [e.detector for e in unit.experiments if e.augmented == augmented
+                       and e.detector.family == family and e.detector != FALLBACK]  # fmt: skip
+            if family == "IsolationForest":
+                configs = [c for c in configs if c.kwargs["n_estimators"] in (10, 30, 200)]
+            if not configs:
+                continue
+            outcomes = shared_outcomes(gram, train, test, configs, SEED, raw=fs.X)
+            for config, outcome in zip(configs, outcomes, strict=True):
+                assert outcome.error is None and len(outcome.train_scores) == len(train)
+                if family == "KernelDensity":
+                    brute = _kde_brute(X_train, X_train, config.kwargs)
+                    _assert_equal_up_to_constant(outcome.train_scores, brute)
+                    continue
+                want = FAMILIES[family].score_one(X_train, X_train[:1], config, SEED).train_scores
+                spread = np.ptp(want) + 1e-300
+                deviations[family].append(np.max(np.abs(outcome.train_scores - want)) / spread)
+    for family, dev in deviations.items():
+        dev = np.array(dev)
+        # float32 distance rounding (LOF) and libsvm's capped iterations (OneClassSVM, poly
+        # degree 55) move a few scores by a small fraction of their spread; the honest
+        # threshold itself is checked to the issue's tolerance above.
+        assert np.median(dev) <= 1e-5 and dev.max() <= 0.005, (family, dev)
+
+
+def test_shared_and_per_config_runs_give_the_same_rows(workspace):
+    _, unit, shared, per_config = workspace
+    shared, per_config = _by_key(shared), _by_key(per_config)
+    assert shared.keys() == per_config.keys() == {e.key for e in unit.experiments}
+    for key, a in shared.items():
+        b = per_config[key]
+        assert (a.status, a.n_train, a.n_test, a.dim) == (b.status, b.n_train, b.n_test, b.dim)
+        assert len(a.scores) == len(b.scores) == len(a.image_ids) == 24
+        assert a.image_ids == b.image_ids and a.thresholds.keys() == b.thresholds.keys()
+        assert a.fit_s > 0 and a.score_s is not None
+
+
+def test_config_mapping_is_explicit():
+    study = expand_detectors(STUDY_DETECTORS)
+    assert all(shared_config(c) is not None for c in study)
+    assert shared_config(FALLBACK) is None
+    lof_l1 = DetectorConfig("LocalOutlierFactor", (("n_neighbors", 5), ("p", 1.0)))
+    assert shared_config(lof_l1) is None
+    hang = expand_detectors([{"family": "hang"}], allow_test_detectors=True)[0]
+    assert shared_config(hang) is None
+    # OneClassSVM's family default max_iter=-1 is passed on, not shared.py's study cap.
+    assert shared_config(DetectorConfig("OneClassSVM", ())).get("max_iter") == -1
+
+
+def test_nonfinite_features_fail_like_sklearn(tmp_path):
+    folder = tmp_path / "features"
+    write_feature_set(folder, n_train=20, n_test=12, dim=6, shards=1)
+    shard = folder / "part-00000.parquet"
+    table = pq.read_table(shard)
+    features = table.column("feature").to_pylist()
+    features[0][2] = float("nan")  # one training row
+    table = table.set_column(5, "feature", [features])
+    pq.write_table(table.cast(pq.read_schema(shard)), shard)
+    detectors = [
+        *expand_detectors([{"family": f} for f in FAMILIES if not FAMILIES[f].test_only]),
+        FALLBACK,
+    ]
+    shared = _by_key(evaluate_unit(_unit(folder, tmp_path, detectors, shared=True)))
+    plain = _by_key(evaluate_unit(_unit(folder, tmp_path, detectors, shared=False)))
+    assert {k: r.status for k, r in shared.items()} == {k: r.status for k, r in plain.items()}
+    for row in shared.values():  # IsolationForest's trees route NaN: done in both
+        if row.config["detector"] != "IsolationForest":
+            assert row.status == "failed" and "NaN" in row.error
