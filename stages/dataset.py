@@ -25,7 +25,13 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from stages.errors import UserError, run_cli, setup_logging
-from stages.io import atomic_path, sha256_file, write_json_atomic, write_text_atomic
+from stages.io import (
+    atomic_path,
+    remove_stale_temps,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 from stages.params import load_params, stage_args
 from stages.progress import progress
 
@@ -290,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     stats = dataset_stats(records)
     # Everything is validated before anything is written: no half-written outputs.
     out = Path(params.stats_dir)
+    for folder in (Path(params.index).parent, out):  # temp files of a killed run
+        remove_stale_temps(folder, recursive=False)
     write_index(records, params.index)
     write_json_atomic(out / "stats.json", stats)
     write_text_atomic(out / "stats.md", stats_markdown(stats))

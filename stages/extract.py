@@ -76,7 +76,7 @@ from stages.features import (
     shard_name,
     write_manifest,
 )
-from stages.io import remove_stale_temps, stable_hash, write_json_atomic
+from stages.io import is_disk_full, remove_stale_temps, stable_hash, write_json_atomic
 from stages.params import Section, load_params, load_section, stage_args
 from stages.progress import progress
 
@@ -519,6 +519,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     def on_error(unit: dict[str, Any], exc: BaseException) -> None:
         if isinstance(exc, UserError):
             raise exc
+        if is_disk_full(exc):  # e.g. a manifest; shards say which one themselves
+            raise UserError(
+                f"{out / unit['category']}: disk full while writing features ({exc}); "
+                "finished shards are kept: free space and rerun to continue"
+            )
         failures.append(f"{unit['category']} {unit['backbone']}-{unit['init']}: {exc!r}")
 
     def on_crash(unit: dict[str, Any], signal: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.errors import UserError
-from stages.io import atomic_path, write_json_atomic
+from stages.io import atomic_path, is_disk_full, write_json_atomic
 
 MANIFEST = "manifest.json"
 META_COLUMNS = ("image_id", "split", "source", "defect_type", "is_anomaly")
@@ -134,6 +135,20 @@ def shard_hash_of(path: str | Path) -> str | None:
     return value.decode() if value else None
 
 
+@contextlib.contextmanager
+def disk_full_is_user_error(path: Path) -> Iterator[None]:
+    """Turn "no space left" (or a file size limit) while writing ``path`` into one line."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise UserError(
+            f"{path}: disk full while writing this feature shard ({exc}); finished shards "
+            "are kept: free space on that filesystem and rerun to continue"
+        ) from None
+
+
 class ShardWriter:
     """Stream rows into one shard; the file appears (atomically) only on ``close()``.
 
@@ -149,10 +164,15 @@ class ShardWriter:
         self.dtype = dtype
         schema = shard_schema(dim, dtype).with_metadata({SHARD_HASH_KEY: shard_hash.encode()})
         self._stack = contextlib.ExitStack()
-        tmp = self._stack.enter_context(atomic_path(self.path))
-        self._writer = pq.ParquetWriter(
-            tmp, schema, compression="snappy", use_dictionary=list(META_COLUMNS[:4])
-        )
+        with disk_full_is_user_error(self.path):
+            tmp = self._stack.enter_context(atomic_path(self.path))
+            try:
+                self._writer = pq.ParquetWriter(
+                    tmp, schema, compression="snappy", use_dictionary=list(META_COLUMNS[:4])
+                )
+            except BaseException as exc:
+                self._stack.__exit__(type(exc), exc, exc.__traceback__)  # drop the temp file
+                raise
         self._stack.callback(self._writer.close)
         self._meta: dict[str, list[Any]] = {c: [] for c in META_COLUMNS}
         self._features: list[np.ndarray] = []
@@ -169,7 +189,8 @@ class ShardWriter:
         self._buffered += features.nbytes
         self.n_rows += len(features)
         if self._buffered >= ROW_GROUP_BYTES:
-            self._flush()
+            with disk_full_is_user_error(self.path):
+                self._flush()  # on an error the caller aborts the writer
 
     def _flush(self) -> None:
         if not self._features:
@@ -185,13 +206,19 @@ class ShardWriter:
 
     def close(self) -> None:
         """Write the last row group and rename the temp file onto the shard's name."""
-        self._flush()
-        self._writer.close()
-        self._stack.close()
+        with disk_full_is_user_error(self.path):
+            try:
+                self._flush()
+                self._writer.close()
+            except BaseException:
+                self.abort()
+                raise
+            self._stack.close()  # fsync and rename; the temp file is removed on an error
 
     def abort(self) -> None:
-        """Drop the temp file; the shard stays absent."""
-        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        """Drop the temp file; the shard stays absent (a full disk may fail the footer)."""
+        with contextlib.suppress(Exception):
+            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
 def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> None:

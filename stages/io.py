@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -11,6 +12,16 @@ from pathlib import Path
 from typing import Any
 
 TMP_MARK = ".tmp-"
+# No space left, file too large (RLIMIT_FSIZE, filesystem limit), quota exceeded.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+_DISK_FULL_TEXTS = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or a size limit) is full; pyarrow loses the errno."""
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in DISK_FULL_ERRNOS or any(text in str(exc) for text in _DISK_FULL_TEXTS)
 
 
 def tmp_name(path: Path) -> Path:
@@ -66,13 +77,14 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def remove_stale_temps(folder: str | os.PathLike[str]) -> int:
-    """Delete temp files a killed run left under ``folder``; returns how many."""
+def remove_stale_temps(folder: str | os.PathLike[str], recursive: bool = True) -> int:
+    """Delete temp files a killed run left under ``folder`` (or only in it); how many."""
     root = Path(folder)
     if not root.exists():
         return 0
     removed = 0
-    for tmp in root.rglob(f"*{TMP_MARK}*"):
+    pattern = f"*{TMP_MARK}*"
+    for tmp in root.rglob(pattern) if recursive else root.glob(pattern):
         if tmp.is_file() and tmp.name.startswith("."):
             tmp.unlink(missing_ok=True)
             removed += 1

@@ -54,7 +54,7 @@ from stages.dataset import stats_markdown
 from stages.detectors import expand_detectors, ranking_scores
 from stages.errors import UserError, run_cli, setup_logging
 from stages.evaluate import FEATURE_SETS_FILE, EvaluateParams, plan, read_feature_sets
-from stages.io import atomic_path, write_json_atomic, write_text_atomic
+from stages.io import atomic_path, remove_stale_temps, write_json_atomic, write_text_atomic
 from stages.metrics import LocoChoice, config_id, describe_config, loco_selection
 from stages.params import Section, load_params, load_section, stage_args
 from stages.results_db import STATUSES, Experiment, Image, Score, open_db
@@ -635,6 +635,7 @@ def report(params_path: str | Path) -> Report:
         text = render(result, params, engine, out, Path(root.data.stats_dir), db_url)
     finally:
         engine.dispose()
+    remove_stale_temps(out, recursive=False)  # a killed run's (figures/ and plots/ are redone)
     write_json_atomic(out / "metrics.json", result.metrics)
     write_csv(out / "experiments.csv", rows)
     write_text_atomic(out / "report.md", text)

@@ -22,6 +22,7 @@ database written by an older version lacks (all such columns are nullable).
 from __future__ import annotations
 
 import math
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,7 +49,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from stages.errors import UserError
@@ -201,7 +202,12 @@ def open_db(url: str, read_only: bool = False) -> Engine:
         if read_only and not Path(parsed.database).is_file():
             raise UserError(f"{parsed.database}: results database not found (evaluate.db_url; "
                             "run the evaluate stage first)")  # fmt: skip
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(parsed.database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)  # a missing folder is created
+        except OSError as exc:
+            raise UserError(f"{folder}: cannot create the folder of the results database "
+                            f"(evaluate.db_url): {exc.strerror or exc}") from None  # fmt: skip
     try:
         engine = create_engine(parsed)
     except (ImportError, ArgumentError) as exc:
@@ -214,9 +220,48 @@ def open_db(url: str, read_only: bool = False) -> Engine:
         else:
             Base.metadata.create_all(engine)
             _add_missing_columns(engine)
+            if engine.dialect.name == "sqlite":
+                _check_writable(engine)
+    except OperationalError as exc:
+        if engine.dialect.name == "sqlite" and not read_only:
+            raise _not_writable(engine, str(exc.orig or exc)) from None
+        raise UserError(f"evaluate.db_url: cannot open {url!r}: {exc.__class__.__name__}") from None
     except SQLAlchemyError as exc:
         raise UserError(f"evaluate.db_url: cannot open {url!r}: {exc.__class__.__name__}") from None
     return engine
+
+
+def _check_writable(engine: Engine) -> None:
+    """Create a table in a transaction rolled back, so a read-only file fails before any work.
+
+    On the raw connection in autocommit mode: pysqlite would commit DDL on its own otherwise.
+    """
+    raw = engine.raw_connection()
+    try:
+        dbapi = raw.driver_connection
+        previous = dbapi.isolation_level
+        dbapi.isolation_level = None  # no implicit transactions: BEGIN and ROLLBACK are ours
+        try:
+            dbapi.execute("BEGIN IMMEDIATE")
+            try:
+                dbapi.execute("CREATE TABLE IF NOT EXISTS _write_probe (x INTEGER)")
+            finally:
+                dbapi.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise _not_writable(engine, str(exc)) from None
+        finally:
+            dbapi.isolation_level = previous
+    finally:
+        raw.close()
+
+
+def _not_writable(engine: Engine, reason: str) -> UserError:
+    """One line naming the SQLite file the stage cannot write, and what to do."""
+    return UserError(
+        f"{engine.url.database}: results database is not writable ({reason}; evaluate.db_url): "
+        "make the file and its folder writable, or point evaluate.db_url elsewhere; "
+        "finished experiments in it are kept"
+    )
 
 
 def _add_missing_columns(engine: Engine) -> None:
@@ -333,6 +378,15 @@ def upsert(engine: Engine, rows: Sequence[ExperimentRow], code_version: str) -> 
     """Insert or update experiments (by key) and replace their scores, in one transaction."""
     if not rows:
         return
+    try:
+        _upsert(engine, rows, code_version)
+    except OperationalError as exc:
+        if engine.dialect.name == "sqlite" and "readonly" in str(exc.orig):
+            raise _not_writable(engine, str(exc.orig)) from None  # made read-only during the run
+        raise
+
+
+def _upsert(engine: Engine, rows: Sequence[ExperimentRow], code_version: str) -> None:
     now = datetime.now(UTC)
     with Session(engine) as session, session.begin():
         keys = [r.key for r in rows]

@@ -152,3 +152,19 @@ def test_real_bottle_stats() -> None:
     assert stats["defect_types"] == ["broken_large", "broken_small", "contamination"]
     assert stats["masks"] == 63 and stats["missing_masks"] == 0
     assert stats["sizes"] == {"900x900": 292} and stats["modes"] == {"RGB": 292}
+
+
+def test_cli_removes_temp_files_a_killed_run_left(tmp_path: Path) -> None:
+    root = make_mvtec(tmp_path / "mvtec")
+    write_params(tmp_path / "params.yaml", root, ["alpha", "beta"])
+    stale = [
+        tmp_path / "cache/dataset/.index.parquet.tmp-4242",
+        tmp_path / "results/dataset/.stats.json.tmp-4242",
+    ]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half written")
+    result = run_stage("dataset", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not any(path.exists() for path in stale)
+    assert (tmp_path / "cache/dataset/index.parquet").is_file()

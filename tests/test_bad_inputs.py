@@ -1,0 +1,287 @@
+"""Bad inputs end to end through the stage CLIs: one line, exit 2, nothing half-written, and a
+rerun after fixing the input continues where it stopped (README "Bad input")."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from stages.features import MANIFEST, SHARD_HASH_KEY, load_feature_set
+from tests.eval_fixtures import make_workspace
+from tests.extract_fixtures import CATEGORIES, make_dataset
+from tests.extract_fixtures import write_params as write_extract_params
+from tests.mvtec_fixtures import make_mvtec, run_stage, save_png, stage_env, write_params
+
+ONE_CATEGORY = {"alpha": CATEGORIES["alpha"]}
+LOF = {"family": "LocalOutlierFactor", "grid": {"n_neighbors": [2, 4]}, "fixed": {"novelty": True}}
+ONE_WORKER = {"n_workers": 1, "threads_per_worker": 1, "memory_limit": "2GiB"}
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The stage's one error line; asserts exit 2, no traceback, exactly one ``error:`` line."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+# --- dataset: every bad layout through the CLI, then fixed and rerun ------------------------
+
+
+def _break(root: Path, case: str) -> Path:
+    """Damage the tiny dataset; returns the path the message must name."""
+    cat = root / "alpha"
+    png = cat / "train" / "good" / "001.png"
+    if case == "missing_root":
+        shutil.rmtree(root)
+        return root
+    if case == "missing_category":
+        shutil.rmtree(cat)
+        return cat
+    if case == "empty_train_good":
+        for p in (cat / "train" / "good").iterdir():
+            p.unlink()
+        return cat / "train" / "good"
+    if case == "corrupt_png":
+        png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    elif case == "truncated_png":
+        png.write_bytes(png.read_bytes()[:200])
+    elif case == "16bit_png":
+        save_png(png, (np.arange(32 * 32, dtype=np.uint16) * 60).reshape(32, 32))
+    elif case == "rgba_png":
+        save_png(png, np.zeros((32, 32, 4), np.uint8), "RGBA")
+    elif case == "mask_wrong_size":
+        png = cat / "ground_truth" / "hole" / "000_mask.png"
+        save_png(png, np.zeros((16, 32), np.uint8), "L")
+    else:
+        raise AssertionError(case)
+    return png
+
+
+DATASET_CASES = {
+    "missing_root": "dataset root does not exist",
+    "missing_category": "category folder missing",
+    "empty_train_good": "no PNG images",
+    "corrupt_png": "unreadable image",
+    "truncated_png": "unreadable image",
+    "16bit_png": "16-bit grayscale",
+    "rgba_png": "RGB with alpha",
+    "mask_wrong_size": "mask is 32x16, expected 32x32",
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATASET_CASES))
+def test_dataset_cli_bad_layout_then_fixed_rerun(tmp_path: Path, case: str) -> None:
+    root = make_mvtec(tmp_path / "mvtec")
+    named = _break(root, case)
+    write_params(tmp_path / "params.yaml", root, ["alpha", "beta"])
+    line = error_line(run_stage("dataset", tmp_path))
+    assert str(named) in line and DATASET_CASES[case] in line, line
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()
+
+    shutil.rmtree(root, ignore_errors=True)
+    make_mvtec(root)  # the user restores the dataset
+    rerun = run_stage("dataset", tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert pq.read_table(tmp_path / "cache/dataset/index.parquet").num_rows == 20
+
+
+# --- params: typos, unknown backbone or layer, wrong types, missing weights ------------------
+
+
+@pytest.mark.parametrize(
+    ("stage", "edit", "message"),
+    [
+        ("augment", {"augment": {"transfroms": {}}}, "unknown key 'augment.transfroms'"),
+        ("extract", {"backbone": "resnet19"}, "extract.extractors[0].backbone: unknown backbone 'resnet19'"),
+        ("extract", {"layers": ["layer5"]}, "extract.extractors[0].layers: unknown layer 'layer5' for resnet18"),
+        ("extract", {"init": "imagenet"}, "hub/checkpoints/resnet18-f37072fd.pth"),
+    ],
+)  # fmt: skip
+def test_params_errors_through_the_cli(
+    tmp_path: Path, stage: str, edit: dict, message: str
+) -> None:
+    sections = make_dataset(tmp_path, ONE_CATEGORY)
+    extractor = {"backbone": "resnet18", "init": "random", "layers": ["layer4"]}
+    if stage == "augment":
+        sections["augment"] = {**sections["augment"], **edit["augment"]}
+    else:
+        extractor.update(edit)
+    params = write_extract_params(tmp_path, sections, {"num_workers": 0, "extractors": [extractor]})
+    env = {"TORCH_HOME": str(tmp_path / "torch")}  # no cached ImageNet weights, no network
+    line = error_line(run_stage(stage, tmp_path, "--params", str(params), env=env))
+    assert message in line, line
+    if "checkpoints" in message:
+        assert "init: random" in line and "https://download.pytorch.org/" in line
+    assert not list((tmp_path / "cache/features").rglob("part-*"))
+    assert not (tmp_path / "results").exists()
+
+
+def test_detector_hyperparameter_of_the_wrong_type_through_the_cli(tmp_path: Path) -> None:
+    detector = {**LOF, "grid": {"n_neighbors": [2, "eight"]}}
+    params = make_workspace(tmp_path, categories={"alpha": []},
+                            extractors=[("resnet18", "random", "layer4", "avg")],
+                            evaluate={"detectors": [detector], "engine": ONE_WORKER})  # fmt: skip
+    line = error_line(_evaluate(params))
+    assert "evaluate.detectors[0].grid.n_neighbors" in line and "eight" in line, line
+    assert not (tmp_path / "results").exists()
+
+
+# --- the results database: read-only, and in a folder that does not exist --------------------
+
+
+def _drop_file_permission_override() -> list[str]:
+    """A command prefix under which root obeys file modes (no CAP_DAC_OVERRIDE)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root ignores file modes and setpriv (util-linux) is not installed")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}"]
+
+
+def _evaluate(params: Path, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    command = [*(prefix or []), sys.executable, "-m", "stages.evaluate", "--params", str(params)]
+    return subprocess.run(
+        command, cwd=params.parent, env=stage_env(), capture_output=True, text=True
+    )
+
+
+def _rows(db: Path) -> list[tuple]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute(
+            "SELECT key, status, auroc, attempts FROM experiments ORDER BY key"
+        ).fetchall()
+
+
+@pytest.mark.slow
+def test_read_only_results_database_then_writable_rerun(tmp_path: Path) -> None:
+    params = make_workspace(tmp_path, categories={"alpha": []},
+                            extractors=[("resnet18", "random", "layer4", "avg")],
+                            evaluate={"detectors": [LOF], "engine": ONE_WORKER})  # fmt: skip
+    first = _evaluate(params)
+    assert first.returncode == 0, first.stderr
+    db = tmp_path / "results/results.sqlite"
+    before = _rows(db)
+    assert len(before) == 2
+
+    raw = yaml.safe_load(params.read_text())  # the grid grows: one more experiment to run
+    raw["evaluate"]["detectors"][0]["grid"]["n_neighbors"] = [2, 4, 6]
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    db.chmod(0o444)
+    line = error_line(_evaluate(params, _drop_file_permission_override()))
+    assert f"{db}: results database is not writable" in line and "evaluate.db_url" in line
+    assert _rows(db) == before
+
+    db.chmod(0o644)  # fixed
+    rerun = _evaluate(params)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "2 done of 3 (1 to run)" in rerun.stderr
+    after = _rows(db)
+    assert len(after) == 3 and {r[1] for r in after} == {"done"}
+    assert set(before) <= set(after)  # the finished experiments were not recomputed
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # the write probe left nothing
+        tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"experiments", "images", "scores"}
+
+
+@pytest.mark.slow
+def test_results_database_in_a_missing_folder_is_created(tmp_path: Path) -> None:
+    db = tmp_path / "elsewhere" / "new" / "results.sqlite"
+    params = make_workspace(tmp_path, categories={"alpha": []},
+                            extractors=[("resnet18", "random", "layer4", "avg")],
+                            evaluate={"detectors": [LOF], "engine": ONE_WORKER,
+                                      "db_url": f"sqlite:///{db}"})  # fmt: skip
+    blocker = tmp_path / "elsewhere"
+    blocker.write_text("a file where the folder should be\n")
+    line = error_line(_evaluate(params))
+    assert f"{blocker / 'new'}: cannot create the folder of the results database" in line
+
+    blocker.unlink()  # fixed: the folders are missing now, and the stage creates them
+    result = _evaluate(params)
+    assert result.returncode == 0, result.stderr
+    assert [r[1] for r in _rows(db)] == ["done", "done"]
+
+
+# --- disk full while writing a shard ----------------------------------------------------------
+
+SHARDS = {  # resnet18 layer4 flattened: ~200 kB per 2-image shard, 11 shards for alpha
+    "num_workers": 0,
+    "batch_size": 2,
+    "shard_rows": 2,
+    "extractors": [
+        {
+            "backbone": "resnet18",
+            "init": "random",
+            "layers": ["layer4"],
+            "representations": ["flatten"],
+        }
+    ],
+}
+
+
+@contextlib.contextmanager
+def tiny_filesystem(folder: Path, size: str) -> Iterator[None]:
+    """A tmpfs of ``size`` mounted on ``folder`` (skips where mounting is not allowed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", f"tiny-{uuid.uuid4().hex[:8]}",
+                            str(folder)], capture_output=True, text=True)  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _extract(root: Path) -> subprocess.CompletedProcess:
+    return run_stage("extract", root, "--params", str(root / "params.yaml"))
+
+
+@pytest.mark.slow
+def test_disk_full_while_writing_a_shard_then_rerun_continues(tmp_path: Path) -> None:
+    root = tmp_path / "full"
+    write_extract_params(root, make_dataset(root, ONE_CATEGORY), SHARDS)
+    out = root / "cache/features"
+    with tiny_filesystem(out, "640k"):
+        line = error_line(_extract(root))
+        assert "disk full while writing this feature shard" in line, line
+        assert f"{out}/alpha/resnet18-random/layer4/flatten/part-" in line
+        assert "No space left on device" in line
+        shards = sorted(out.rglob("part-*.parquet"))
+        assert shards, "some shards fit before the disk was full"
+        for shard in shards:  # what is there is complete: it reads, and carries its hash
+            assert pq.read_table(shard).num_rows == 2
+            assert SHARD_HASH_KEY in (pq.read_schema(shard).metadata or {})
+        assert not list(out.rglob("*.tmp-*")) and not list(out.rglob(MANIFEST))
+        kept = {p: p.stat().st_mtime_ns for p in shards}
+
+        remount = ["mount", "-o", "remount,size=64m", str(out)]
+        subprocess.run(remount, check=True)  # space freed
+        rerun = _extract(root)
+        assert rerun.returncode == 0, rerun.stderr
+        assert f"{len(shards)} of 11 shards already done, skipped" in rerun.stderr
+        assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+        folder = out / "alpha/resnet18-random/layer4/flatten"
+        resumed = load_feature_set(folder)
+
+    fresh = tmp_path / "fresh"
+    write_extract_params(fresh, make_dataset(fresh, ONE_CATEGORY), SHARDS)
+    assert _extract(fresh).returncode == 0
+    reference = load_feature_set(fresh / "cache/features/alpha/resnet18-random/layer4/flatten")
+    assert list(resumed.image_id) == list(reference.image_id)
+    assert np.array_equal(resumed.X, reference.X)
