@@ -106,7 +106,7 @@ from stages.features import (
     load_feature_set,
     read_manifest,
 )
-from stages.io import stable_hash, write_json_atomic
+from stages.io import remove_stale_temps, stable_hash, write_json_atomic
 from stages.metrics import threshold_metrics
 from stages.params import Section, load_params, load_section, stage_args
 from stages.results_db import (
@@ -674,9 +674,13 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
     params = load_section(params_path, "evaluate", EvaluateParams)
     assert isinstance(params, EvaluateParams)
     root = load_params(params_path)
+    try:  # the grid is checked before anything else, so a typo is reported first
+        detectors = expand_detectors(params.detectors, params.allow_test_detectors)
+    except UserError as exc:
+        raise UserError(f"{params_path}: {exc}") from None
+    remove_stale_temps(Path(params.summary).parent, recursive=False)
     extract_out = Path((root.extract or {}).get("out", "cache/features"))
     feature_sets = read_feature_sets(extract_out / FEATURE_SETS_FILE)
-    detectors = expand_detectors(params.detectors, params.allow_test_detectors)
     grid = plan(feature_sets, root.augment.transforms, detectors, params.seeds,
                 params.augmentation)  # fmt: skip
     keys = [e.key for _, exps in grid for e in exps]

@@ -137,7 +137,17 @@ def test_detector_hyperparameter_of_the_wrong_type_through_the_cli(tmp_path: Pat
                             evaluate={"detectors": [detector], "engine": ONE_WORKER})  # fmt: skip
     line = error_line(_evaluate(params))
     assert "evaluate.detectors[0].grid.n_neighbors" in line and "eight" in line, line
+    assert line.startswith(f"error: {params}: "), line  # names the file, like every stage
     assert not (tmp_path / "results").exists()
+
+
+def test_bad_detector_grid_is_reported_before_missing_features(tmp_path: Path) -> None:
+    """A typo in the grid is named first, not hidden behind 'run the extract stage'."""
+    detector = {**LOF, "grid": {"n_neighbors": ["eight"]}}
+    params = write_params(tmp_path / "params.yaml", tmp_path / "mvtec", ["alpha"],
+                          evaluate={"detectors": [detector]})  # fmt: skip
+    line = error_line(run_stage("evaluate", tmp_path, "--params", str(params)))
+    assert "evaluate.detectors[0].grid.n_neighbors" in line and "feature_sets" not in line, line
 
 
 # --- the results database: read-only, and in a folder that does not exist --------------------
