@@ -80,7 +80,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import pyarrow as pa
 import sklearn
 from distributed import Client
 from pydantic import Field, ValidationError, field_validator
@@ -100,11 +99,9 @@ from stages.detectors import (
 from stages.engine import EngineParams, dask_client, deadline, run_units
 from stages.errors import UserError, run_cli, setup_logging
 from stages.features import (
-    META_COLUMNS,
     FeatureSet,
     iter_shard_tables,
     load_feature_set,
-    read_manifest,
 )
 from stages.io import remove_stale_temps, stable_hash, write_json_atomic
 from stages.metrics import threshold_metrics
@@ -460,31 +457,17 @@ def _iforest_group(raw: np.ndarray, train: np.ndarray, queries: np.ndarray,
     return out
 
 
-def read_row_meta(folder: str | Path) -> FeatureSet:
-    """A feature set's manifest and row metadata without its features (``X`` has 0 columns)."""
-    tables = list(iter_shard_tables(folder, columns=list(META_COLUMNS)))
-    manifest = read_manifest(folder)
-    assert manifest is not None
-    table = pa.concat_tables(tables)
-    meta = {c: table.column(c).to_numpy(zero_copy_only=False) for c in META_COLUMNS}
-    return FeatureSet(
-        manifest=manifest,
-        image_id=meta["image_id"].astype(str),
-        split=meta["split"].astype(str),
-        source=meta["source"].astype(str),
-        defect_type=meta["defect_type"].astype(str),
-        is_anomaly=meta["is_anomaly"].astype(bool),
-        X=np.empty((table.num_rows, 0), dtype=np.float32),
-    )
-
-
 def _shared_rows(
     unit: Unit, experiments: Sequence[Planned], fallback: Sequence[Planned]
 ) -> list[ExperimentRow]:
     """The shared path for ``experiments``; ``fallback`` run per config on the same rows."""
     features = unit.features
     needs_raw = bool(fallback) or any(e.detector.family == "IsolationForest" for e in experiments)
-    fs = load_feature_set(features.folder) if needs_raw else read_row_meta(features.folder)
+    fs = (
+        load_feature_set(features.folder)
+        if needs_raw
+        else load_feature_set(features.folder, with_features=False)
+    )
     _check_hash(features, fs.manifest)
     test_mask, y, per_image = _per_image(fs)
     test = np.flatnonzero(test_mask)

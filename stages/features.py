@@ -96,9 +96,13 @@ def feature_matrix(table: pa.Table, dtype: type = np.float32) -> np.ndarray:
     return values.reshape(-1, dim).astype(dtype, copy=False)
 
 
-def load_feature_set(folder: str | Path, dtype: type = np.float32) -> FeatureSet:
-    """Read a whole complete feature set into memory."""
-    tables = list(iter_shard_tables(folder))
+def load_feature_set(
+    folder: str | Path, dtype: type = np.float32, *, with_features: bool = True
+) -> FeatureSet:
+    """Read a complete feature set into memory (only its row metadata: ``with_features=False``,
+    then ``X`` has 0 columns)."""
+    columns = None if with_features else list(META_COLUMNS)
+    tables = list(iter_shard_tables(folder, columns=columns))
     manifest = read_manifest(folder)
     assert manifest is not None
     table = pa.concat_tables(tables)
@@ -110,7 +114,9 @@ def load_feature_set(folder: str | Path, dtype: type = np.float32) -> FeatureSet
         source=meta["source"].astype(str),
         defect_type=meta["defect_type"].astype(str),
         is_anomaly=meta["is_anomaly"].astype(bool),
-        X=feature_matrix(table, dtype),
+        X=feature_matrix(table, dtype)
+        if with_features
+        else np.empty((table.num_rows, 0), dtype=dtype),
     )
 
 

@@ -22,7 +22,8 @@ from stages.features import MANIFEST, SHARD_HASH_KEY, load_feature_set
 from tests.eval_fixtures import make_workspace
 from tests.extract_fixtures import CATEGORIES, make_dataset
 from tests.extract_fixtures import write_params as write_extract_params
-from tests.mvtec_fixtures import make_mvtec, run_stage, save_png, stage_env, write_params
+from tests.mvtec_fixtures import make_mvtec, run_stage, stage_env, write_params
+from tests.test_dataset import BAD_LAYOUTS, break_dataset
 
 ONE_CATEGORY = {"alpha": CATEGORIES["alpha"]}
 LOF = {"family": "LocalOutlierFactor", "grid": {"n_neighbors": [2, 4]}, "fixed": {"novelty": True}}
@@ -41,55 +42,13 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 # --- dataset: every bad layout through the CLI, then fixed and rerun ------------------------
 
 
-def _break(root: Path, case: str) -> Path:
-    """Damage the tiny dataset; returns the path the message must name."""
-    cat = root / "alpha"
-    png = cat / "train" / "good" / "001.png"
-    if case == "missing_root":
-        shutil.rmtree(root)
-        return root
-    if case == "missing_category":
-        shutil.rmtree(cat)
-        return cat
-    if case == "empty_train_good":
-        for p in (cat / "train" / "good").iterdir():
-            p.unlink()
-        return cat / "train" / "good"
-    if case == "corrupt_png":
-        png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
-    elif case == "truncated_png":
-        png.write_bytes(png.read_bytes()[:200])
-    elif case == "16bit_png":
-        save_png(png, (np.arange(32 * 32, dtype=np.uint16) * 60).reshape(32, 32))
-    elif case == "rgba_png":
-        save_png(png, np.zeros((32, 32, 4), np.uint8), "RGBA")
-    elif case == "mask_wrong_size":
-        png = cat / "ground_truth" / "hole" / "000_mask.png"
-        save_png(png, np.zeros((16, 32), np.uint8), "L")
-    else:
-        raise AssertionError(case)
-    return png
-
-
-DATASET_CASES = {
-    "missing_root": "dataset root does not exist",
-    "missing_category": "category folder missing",
-    "empty_train_good": "no PNG images",
-    "corrupt_png": "unreadable image",
-    "truncated_png": "unreadable image",
-    "16bit_png": "16-bit grayscale",
-    "rgba_png": "RGB with alpha",
-    "mask_wrong_size": "mask is 32x16, expected 32x32",
-}
-
-
-@pytest.mark.parametrize("case", sorted(DATASET_CASES))
+@pytest.mark.parametrize("case", sorted(BAD_LAYOUTS))
 def test_dataset_cli_bad_layout_then_fixed_rerun(tmp_path: Path, case: str) -> None:
     root = make_mvtec(tmp_path / "mvtec")
-    named = _break(root, case)
+    named = break_dataset(root, case)
     write_params(tmp_path / "params.yaml", root, ["alpha", "beta"])
     line = error_line(run_stage("dataset", tmp_path))
-    assert str(named) in line and DATASET_CASES[case] in line, line
+    assert str(named) in line and BAD_LAYOUTS[case] in line, line
     assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()
 
     shutil.rmtree(root, ignore_errors=True)

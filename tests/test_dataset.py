@@ -43,7 +43,7 @@ def test_stats_counts_and_missing_mask_is_reported_not_fatal(tmp_path: Path) -> 
     assert "| alpha | 4 | 2 | 4 | 2 | 3 | 1 |" in stats_markdown(stats)
 
 
-def _break(root: Path, case: str) -> Path:
+def break_dataset(root: Path, case: str) -> Path:
     """Damage a good dataset in one way; returns the path the error must name."""
     cat = root / "alpha"
     png = cat / "train" / "good" / "001.png"
@@ -80,7 +80,7 @@ def _break(root: Path, case: str) -> Path:
     raise AssertionError(case)
 
 
-CASES = {
+BAD_LAYOUTS = {
     "missing_root": "dataset root does not exist",
     "missing_category": "category folder missing",
     "no_train_good": "folder missing",
@@ -93,19 +93,19 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(BAD_LAYOUTS))
 def test_bad_layout_is_one_line_and_names_the_path(tmp_path: Path, case: str) -> None:
     root = make_mvtec(tmp_path / "mvtec")
-    named = _break(root, case)
+    named = break_dataset(root, case)
     with pytest.raises(UserError) as err:
         scan_dataset(root, ["alpha"], show_progress=False)
-    assert str(named) in str(err.value) and CASES[case] in str(err.value)
+    assert str(named) in str(err.value) and BAD_LAYOUTS[case] in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_cli_error_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     root = make_mvtec(tmp_path / "mvtec")
-    _break(root, "truncated_png")
+    break_dataset(root, "truncated_png")
     write_params(tmp_path / "params.yaml", root, ["alpha", "beta"])
     result = run_stage("dataset", tmp_path)
     assert result.returncode == 2
