@@ -173,8 +173,10 @@ def loco_selection(
     For category c: rank the configs by AUROC in every other category; the candidates are
     the configs done (with an AUROC) in *all* other categories, so every mean is over the
     same categories; the chosen one has the best mean rank (ties: the first config id in
-    sort order, so the choice is deterministic). Its AUROC on c is reported, ``None``
-    when it is not done there. Needs at least two categories.
+    sort order, so the choice is deterministic). Only configs that were run on c (any
+    status: which experiments exist uses no test label) are candidates, so a category
+    without augmentation is never handed an augmented config. Its AUROC on c is reported,
+    ``None`` when it is not done there. Needs at least two categories.
     """
     ranks = category_ranks(rows)
     done = {
@@ -189,7 +191,8 @@ def loco_selection(
         if not others:
             choices[category] = LocoChoice(category, None, None, None, None, 0)
             continue
-        candidates = set.intersection(*(set(ranks[c]) for c in others))
+        run_here = {config_id(r) for r in rows if r["category"] == category}
+        candidates = set.intersection(run_here, *(set(ranks[c]) for c in others))
         if not candidates:
             choices[category] = LocoChoice(category, None, None, None, None, 0)
             continue

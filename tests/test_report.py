@@ -316,9 +316,15 @@ def test_leave_one_category_out_on_a_hand_made_results_set():
     ranks = category_ranks(rows)
     assert ranks["B"] == {cid["w"]: 1, cid["y"]: 2, cid["z"]: 3, cid["x"]: 4}
     choice = loco_selection(rows, ["A", "B", "C"])
-    # A: candidates (done in B and C) x, y, w; mean ranks x 3, y 2.5, w 1 -> w, not done in A.
-    assert choice["A"].config == cid["w"] and choice["A"].auroc is None
-    assert choice["A"].candidates == 3
+    # A: candidates (run in A, done in B and C) x, y; w was never run on A, so it cannot be
+    # chosen there; mean ranks x 3, y 2.5 -> y.
+    assert (choice["A"].config, choice["A"].auroc) == (cid["y"], 0.8)
+    assert choice["A"].candidates == 2
+    # A config run on the held-out category but not done there can win: its AUROC is None.
+    failed_here = [_row("A", "x", 0.9), {**_row("A", "w", 0.0), "status": "failed",
+                   "auroc": None}, _row("B", "x", 0.5), _row("B", "w", 0.9)]  # fmt: skip
+    chosen = loco_selection(failed_here, ["A"])["A"]
+    assert chosen.config == cid["w"] and chosen.auroc is None
     # B: candidates x, y (w is not in A); A ranks x1 y2, C ranks w1 x2 y3 -> x (1.5).
     assert (choice["B"].config, choice["B"].auroc, choice["B"].mean_rank) == (cid["x"], 0.6, 1.5)
     # C: candidates x, y, z (z failed in C: not a reason to drop it); A x1 y2 z3, B w1 y2 z3 x4.
