@@ -488,7 +488,7 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
         "Table 4: best AUROC per category, oracle and honest",
         "*Oracle*: the best of all configs by the category's own test AUROC (the study's "
         "number, optimistic). *Honest (LOCO)*: the config with the best mean AUROC rank on "
-        "the other categories (candidates: configs done in all of them; a config is every "
+        "the other categories (candidates: configs done in all of them and run on this one; a config is every "
         "field but the category and the feature hash), evaluated on this category.",
         md_table(["category", "best AUROC (oracle)", "oracle detector", "AUROC (honest, LOCO)",
                   "LOCO config", "oracle - honest"], t4, "lrlrlr"),
