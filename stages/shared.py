@@ -462,12 +462,20 @@ def pca_from_gram(
 
 
 def _elliptic_one(z_train: np.ndarray, z_test: np.ndarray, seed: int, params: dict) -> np.ndarray:
-    from sklearn.covariance import EllipticEnvelope
+    """One EllipticEnvelope fit on PCA projections, single-threaded.
 
-    with warnings.catch_warnings():
+    FastMCD factorises hundreds of small (<= 256 x 256) matrices; one BLAS thread is ~3x
+    faster than two fighting over them (54 s vs 17 s for 1,254 x 256 on 2 cores), and the
+    fits of a unit run in parallel processes instead (``n_jobs``).
+    """
+    from threadpoolctl import threadpool_limits
+
+    from stages.mcd import FastEllipticEnvelope
+
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.simplefilter("ignore", UserWarning)
-        model = EllipticEnvelope(random_state=seed, **params).fit(z_train)
+        model = FastEllipticEnvelope(random_state=seed, **params).fit(z_train)
     return -model.score_samples(z_test)
 
 
