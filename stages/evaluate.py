@@ -233,7 +233,11 @@ def plan(
     seeds: Sequence[int],
     augmentation: str = "auto",
 ) -> list[tuple[FeatureSetEntry, list[Planned]]]:
-    """Every experiment of the grid, grouped by feature set (the work unit)."""
+    """Every experiment of the grid, grouped by feature set (the work unit).
+
+    A deterministic family (no ``random_state``) runs once, under the first seed: more
+    seeds would only repeat identical scores.
+    """
     units = []
     for fs in feature_sets:
         experiments = [
@@ -241,6 +245,7 @@ def plan(
             for aug in augmentation_choices(transforms.get(fs.category, []), augmentation)
             for seed in seeds
             for det in detectors
+            if seed == seeds[0] or FAMILIES[det.family].seeded
         ]
         units.append((fs, experiments))
     return units

@@ -6,12 +6,13 @@ Writes, under ``report.out``:
   category, the oracle, next to the honest leave-one-category-out choice and the gap),
   Table 5 (mean fit/score seconds per detector family), Table 6 (the best config per
   category, every field), the threshold metrics of those configs, the top experiments,
-  the augmentation benefit, a family x backbone/layer heatmap, Figure 4 (fit time
-  against feature dimension and training-set size) and ROC curves of each category's best
-  configs; PNG figures in ``figures/``;
-- ``metrics.json`` (for ``dvc metrics show``), ``experiments.csv`` (every experiment, every
-  column) and ``plots/roc/<category>.csv`` (``fpr,tpr`` of the category's best config, for
-  ``dvc plots``).
+  the seed spread of the stochastic detectors (AUROC mean, std, min, max over
+  ``evaluate.seeds`` per config), the augmentation benefit, a family x backbone/layer
+  heatmap, Figure 4 (fit time against feature dimension and training-set size) and ROC
+  curves of each category's best configs; PNG figures in ``figures/``;
+- ``metrics.json`` (for ``dvc metrics show``; ``seed_spread`` per stochastic family),
+  ``experiments.csv`` (every experiment, every column) and ``plots/roc/<category>.csv``
+  (``fpr,tpr`` of the category's best config, for ``dvc plots``).
 
 The database is the evaluate stage's output and is never written here.
 
@@ -51,7 +52,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from stages.dataset import stats_markdown
-from stages.detectors import expand_detectors, ranking_scores
+from stages.detectors import FAMILIES, expand_detectors, ranking_scores
 from stages.errors import UserError, run_cli, setup_logging
 from stages.evaluate import FEATURE_SETS_FILE, EvaluateParams, plan, read_feature_sets
 from stages.io import atomic_path, remove_stale_temps, write_json_atomic, write_text_atomic
@@ -63,6 +64,9 @@ log = logging.getLogger("stages.report")
 
 DEFAULT_DB_URL = "sqlite:///results/results.sqlite"
 NEEDS_TWO = "n/a (needs >= 2 categories)"
+# Families whose result depends on the seed (``random_state``): IsolationForest, EllipticEnvelope.
+STOCHASTIC = tuple(name for name, family in FAMILIES.items() if family.seeded)
+SEEDS_HINT = "`evaluate.seeds: [0, 1, 2, 3, 4]`"
 
 
 class ReportParams(Section):
@@ -214,6 +218,46 @@ def heatmap_table(
     for (family, extractor), per_cat in cells.items():
         grid[families.index(family), extractors.index(extractor)] = np.mean(list(per_cat.values()))
     return families, extractors, grid
+
+
+def seed_spread(done: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """AUROC over the seeds of each stochastic config per category (those with >= 2 seeds
+    done), largest range first. ``std`` is the population one (ddof=0), as in the README's
+    SQL; ``row`` is one of the config's experiments (for every field but the seed)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in done:
+        if row["detector"] in STOCHASTIC:
+            groups[(row["category"], config_id({**row, "seed": None}))].append(row)
+    table = []
+    for (category, config), rows in groups.items():
+        if len(rows) < 2:
+            continue
+        auroc = np.array([r["auroc"] for r in rows], dtype=np.float64)
+        table.append({"category": category, "config": config, "row": rows[0],
+                      "family": rows[0]["detector"], "seeds": len(rows),
+                      "mean": float(auroc.mean()), "std": float(auroc.std()),
+                      "min": float(auroc.min()), "max": float(auroc.max()),
+                      "range": float(auroc.max() - auroc.min())})  # fmt: skip
+    return sorted(table, key=lambda s: (-s["range"], s["category"], s["config"]))
+
+
+def spread_label(spread: dict[str, Any]) -> str:
+    """Where a seed spread is: category, extractor, augmentation and detector."""
+    r = spread["row"]
+    aug = "aug" if r["augmented"] else "no-aug"
+    return f"{r['category']} {extractor_label(r)} {r['representation']} {aug} {r['detector_name']}"
+
+
+def seed_spread_summary(spread: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per stochastic family: configs with >= 2 seeds, mean AUROC std, the largest range."""
+    by_family: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for s in spread:  # largest range first, so each family's first is its largest
+        by_family[s["family"]].append(s)
+    return {
+        family: {"configs": len(group), "mean_auroc_std": _mean(s["std"] for s in group),
+                 "max_auroc_range": group[0]["range"], "max_range_at": spread_label(group[0])}
+        for family, group in sorted(by_family.items())
+    }  # fmt: skip
 
 
 def error_kind(status: str, error: str | None) -> str:
@@ -380,13 +424,15 @@ class Report:
     loco: dict[str, LocoChoice]
     families: list[dict[str, Any]]
     augmentation: list[dict[str, Any]]
+    seed_spread: list[dict[str, Any]]
     metrics: dict[str, Any]
 
 
 def build_metrics(rows: Sequence[dict[str, Any]], categories: Sequence[str],
-                  best: dict[str, dict[str, Any]], loco: dict[str, LocoChoice]
-                  ) -> dict[str, Any]:  # fmt: skip
-    """``metrics.json``: means over categories (honest: over those with a value), counts."""
+                  best: dict[str, dict[str, Any]], loco: dict[str, LocoChoice],
+                  spread: Sequence[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """``metrics.json``: means over categories (honest: over those with a value), counts,
+    the seed spread per stochastic family (``{}`` with one seed)."""
     counts = Counter(r["status"] for r in rows)
     oracle = {c: best[c]["auroc"] for c in categories}
     honest = {c: loco[c].auroc if len(categories) >= 2 else None for c in categories}
@@ -404,6 +450,7 @@ def build_metrics(rows: Sequence[dict[str, Any]], categories: Sequence[str],
         "per_category": {
             c: {"best_auroc_oracle": oracle[c], "auroc_loco": honest[c]} for c in categories
         },
+        "seed_spread": seed_spread_summary(spread),
     }
 
 
@@ -438,6 +485,33 @@ def _dataset_section(stats_dir: Path) -> str:
 
 def _section(title: str, *parts: str) -> str:
     return "\n\n".join([f"## {title}", *[p for p in parts if p]])
+
+
+def _seed_spread_section(spread: Sequence[dict[str, Any]], top_n: int) -> str:
+    families = ", ".join(STOCHASTIC)
+    if not spread:
+        return _section("Seed spread", f"One seed per stochastic config ({families}): no "
+                        "spread over seeds to report. To measure it, list several: "
+                        f"{SEEDS_HINT}.")  # fmt: skip
+    summary = seed_spread_summary(spread)
+    return _section(
+        "Seed spread",
+        f"AUROC over the seeds of each stochastic config ({families}) in each category, "
+        "over the configs with at least 2 seeds done; std is the population one (ddof=0). "
+        "Deterministic families do not depend on the seed.",
+        md_table(["family", "configs with >= 2 seeds", "mean AUROC std",
+                  "largest AUROC range", "largest range at"],
+                 [[f, s["configs"], s["mean_auroc_std"], s["max_auroc_range"], s["max_range_at"]]
+                  for f, s in summary.items()], "lrrrl"),
+        f"The {min(top_n, len(spread))} configs with the largest AUROC range (max - min):",
+        md_table(["category", "augmented", "extractor", "detector", "seeds", "AUROC mean",
+                  "std", "min", "max", "range"],
+                 [[s["category"], s["row"]["augmented"],
+                   f"{extractor_label(s['row'])} {s['row']['representation']}",
+                   s["row"]["detector_name"], s["seeds"], s["mean"], s["std"], s["min"],
+                   s["max"], s["range"]] for s in spread[:top_n]],
+                 "llllrrrrrr"),
+    )  # fmt: skip
 
 
 def render(report: Report, params: ReportParams, engine: Engine, out: Path, stats_dir: Path,
@@ -489,7 +563,9 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
         "*Oracle*: the best of all configs by the category's own test AUROC (the study's "
         "number, optimistic). *Honest (LOCO)*: the config with the best mean AUROC rank on "
         "the other categories (candidates: configs done in all of them and run on this one; a config is every "
-        "field but the category and the feature hash), evaluated on this category.",
+        "field but the category and the feature hash), evaluated on this category."
+        + (" Each seed of a stochastic config counts as a config of its own, so the oracle "
+           "also picks the luckiest seed (see *Seed spread*)." if report.seed_spread else ""),
         md_table(["category", "best AUROC (oracle)", "oracle detector", "AUROC (honest, LOCO)",
                   "LOCO config", "oracle - honest"], t4, "lrlrlr"),
     ))  # fmt: skip
@@ -548,6 +624,8 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
                    r["f1_oracle"], f"`{r['key'][:12]}`"] for r in top],
                  "lllllrrrrl"),
     ))  # fmt: skip
+
+    parts.append(_seed_spread_section(report.seed_spread, params.top_n))
 
     figure_augmentation(report.augmentation, figures / "augmentation.png")
     parts.append(_section(
@@ -625,11 +703,13 @@ def report(params_path: str | Path) -> Report:
         categories = ordered_categories(done, root.data.categories)
         best = best_per_category(done)
         loco = loco_selection(done, categories)
+        spread = seed_spread(done)
         result = Report(
             rows=rows, done=done, categories=categories, best=best, loco=loco,
             families=family_times(rows),
             augmentation=augmentation_benefit(done, categories),
-            metrics=build_metrics(rows, categories, best, loco),
+            seed_spread=spread,
+            metrics=build_metrics(rows, categories, best, loco, spread),
         )  # fmt: skip
         out = Path(params.out)
         text = render(result, params, engine, out, Path(root.data.stats_dir), db_url)

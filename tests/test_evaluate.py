@@ -80,6 +80,22 @@ def test_study_preset_expands_to_68160_experiments():
     assert evaluate_section["augmentation"] == "auto"
 
 
+def test_more_seeds_repeat_only_the_stochastic_families():
+    configs = expand_detectors(STUDY_DETECTORS)
+    fs = FeatureSetEntry(category="disc", backbone="resnet18", init="random", layer="layer4",
+                         representation="avg", folder="-", content_hash="-")  # fmt: skip
+    [(_, experiments)] = plan([fs], {"disc": []}, configs, [3, 1, 2])
+    seeds_of: dict[str, list[int]] = {}
+    for exp in experiments:
+        seeds_of.setdefault(exp.detector.family, []).append(exp.seed)
+    # IsolationForest (19) and EllipticEnvelope (4) per seed; the rest once, under seed 3
+    assert len(experiments) == 71 + 2 * (19 + 4)
+    assert sorted(set(seeds_of["IsolationForest"])) == [1, 2, 3]
+    assert set(seeds_of["EllipticEnvelope"]) == {1, 2, 3}
+    for family in ("OneClassSVM", "KernelDensity", "LocalOutlierFactor"):
+        assert set(seeds_of[family]) == {3}
+
+
 @pytest.mark.parametrize(
     ("detectors", "message"),
     [

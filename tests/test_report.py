@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sqlite3
 import subprocess
 import sys
@@ -114,10 +115,11 @@ def _engine(root: Path):
     return open_db(f"sqlite:///{root / 'results' / 'results.sqlite'}", read_only=True)
 
 
-def _md_rows(text: str, heading: str) -> list[list[str]]:
-    """Cells of the first table under the ``## heading`` section of report.md."""
+def _md_rows(text: str, heading: str, table: int = 0) -> list[list[str]]:
+    """Cells of a table (the first by default) under the ``## heading`` section of report.md."""
     section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
-    lines = [ln for ln in section.splitlines() if ln.startswith("|")][2:]
+    blocks = [b for b in section.split("\n\n") if b.startswith("|")]
+    lines = blocks[table].splitlines()[2:]
     return [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines]
 
 
@@ -205,6 +207,60 @@ def test_report_stage_command_line(run):
                             cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert failed.returncode == 2
     assert failed.stderr.strip().count("\n") == 0 and "report.top_n" in failed.stderr
+
+
+def test_seed_spread_section_and_metrics(tmp_path, client):
+    detectors = [
+        {"family": "IsolationForest", "grid": {"n_estimators": [10, 20]}},
+        {"family": "KernelDensity", "fixed": {"bandwidth": 1.0}},  # deterministic: left out
+    ]
+    params = make_workspace(tmp_path, categories={"bottle": ["rot90"], "screw": []},
+                            extractors=EXTRACTORS[1:], evaluate={"detectors": detectors})  # fmt: skip
+    _with_report_section(params, tmp_path)  # top_n 5
+    evaluate(params, client=client)
+    result = report(params)
+    text = (tmp_path / "results" / "report.md").read_text()
+    section = text.split("## Seed spread", 1)[1].split("\n## ", 1)[0]
+    assert "evaluate.seeds: [0, 1, 2, 3, 4]" in section and "|" not in section
+    assert result.seed_spread == [] and result.metrics["seed_spread"] == {}
+
+    raw = yaml.safe_load(params.read_text())
+    raw["evaluate"]["seeds"] = [0, 1, 2]
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    evaluate(params, client=client)
+    report(params)
+    text = (tmp_path / "results" / "report.md").read_text()
+    # By hand: per (category, augmented, n_estimators) the AUROCs of the 3 seeds.
+    groups: dict[tuple, list[float]] = {}
+    for category, aug, name, auroc in _sql(
+        tmp_path, "select category, augmented, detector_name, auroc from experiments "
+        "where detector='IsolationForest' and status='done' order by seed"):  # fmt: skip
+        groups.setdefault((category, "yes" if aug else "no", name), []).append(auroc)
+    assert len(groups) == 6 and all(len(a) == 3 for a in groups.values())
+    expected = {}
+    for group, aurocs in groups.items():
+        mean = sum(aurocs) / 3
+        std = math.sqrt(sum((a - mean) ** 2 for a in aurocs) / 3)
+        expected[group] = (mean, std, min(aurocs), max(aurocs))
+    ranges = sorted((v[3] - v[2] for v in expected.values()), reverse=True)
+    assert ranges[0] > 0  # the seed matters for a 10- or 20-tree forest
+
+    (family,) = _md_rows(text, "Seed spread", 0)
+    mean_std = sum(v[1] for v in expected.values()) / 6
+    assert family[:4] == ["IsolationForest", "6", f"{mean_std:.4f}", f"{ranges[0]:.4f}"]
+    top = _md_rows(text, "Seed spread", 1)
+    assert len(top) == 5 and [float(r[-1]) for r in top] == pytest.approx(ranges[:5], abs=1e-4)
+    for row in top:
+        mean, std, lo, hi = expected[(row[0], row[1], row[3])]
+        assert row[2] == "resnet18-random/layer3 avg" and row[4] == "3"
+        assert row[5:9] == [f"{mean:.4f}", f"{std:.4f}", f"{lo:.4f}", f"{hi:.4f}"]
+    category, aug, extractor, name = top[0][:4]  # the largest range (ties: by config)
+    assert family[4] == f"{category} {extractor} {'aug' if aug == 'yes' else 'no-aug'} {name}"
+    metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert metrics["seed_spread"]["IsolationForest"]["configs"] == 6
+    assert metrics["seed_spread"]["IsolationForest"]["mean_auroc_std"] == pytest.approx(mean_std)
+    assert metrics["seed_spread"]["IsolationForest"]["max_auroc_range"] == pytest.approx(ranges[0])
+    assert list(metrics["seed_spread"]) == ["IsolationForest"]  # KernelDensity is deterministic
 
 
 # --- threshold metrics -----------------------------------------------------------------------
