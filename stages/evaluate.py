@@ -448,13 +448,13 @@ def _iforest_group(raw: np.ndarray, train: np.ndarray, queries: np.ndarray,
         forests.setdefault(tuple(kv for kv in config.params if kv[0] != "n_estimators"),
                            []).append(config)  # fmt: skip
     out: dict[SharedConfig, np.ndarray] = {}
-    X_train, X_queries = raw[train], raw[queries]
     for params, group in forests.items():
         sizes = [int(c.get("n_estimators", 100)) for c in group]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                by_size = iforest_scores(X_train, X_queries, sizes, seed, **dict(params))
+                by_size = iforest_scores(raw, raw, sizes, seed, train_rows=train,
+                                         test_rows=queries, **dict(params))  # fmt: skip
         except Exception as exc:  # e.g. max_features > dim: fails at fit, as in sklearn
             errors.update(dict.fromkeys(group, error_text(exc)))
             continue

@@ -537,40 +537,72 @@ def _average_path_length(n_samples_leaf: np.ndarray) -> np.ndarray:
     return out
 
 
+def _rows(X: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """``X[rows]``, as a view when ``rows`` is a contiguous ascending range (no copy)."""
+    if rows is None:
+        return X
+    rows = np.asarray(rows)
+    if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+        return X[rows[0] : rows[0] + len(rows)]
+    return X[rows]
+
+
 def iforest_scores(
-    X_train: np.ndarray, X_test: np.ndarray, n_estimators: Sequence[int], seed: int, **params: Any
+    X_train: np.ndarray,
+    X_test: np.ndarray,
+    n_estimators: Sequence[int],
+    seed: int,
+    *,
+    train_rows: np.ndarray | None = None,
+    test_rows: np.ndarray | None = None,
+    chunk_bytes: int = 1 << 28,
+    **params: Any,
 ) -> dict[int, np.ndarray]:
     """``-score_samples`` of IsolationForest(n_estimators=n, random_state=seed) for every n.
 
     One forest of max(n) trees is fitted; scikit-learn draws all per-tree seeds up front
     from ``RandomState(seed)``, so the forest of n trees is exactly its first n trees.
     Path lengths are accumulated tree by tree in scikit-learn's order, so each prefix's
-    score is bit-identical to the smaller forest's.
+    score is bit-identical to the smaller forest's. With ``train_rows``/``test_rows`` the
+    arrays are the unit's feature rows and are indexed here: the training rows are a view
+    when contiguous, and the test rows are scored ``chunk_bytes`` at a time, so memory stays
+    near one copy of the features even for the study's 802,816-dim layers.
     """
     from sklearn.ensemble import IsolationForest
 
     sizes = sorted({int(n) for n in n_estimators})
     forest = IsolationForest(n_estimators=sizes[-1], random_state=seed, **params)
-    forest.fit(np.asarray(X_train, dtype=np.float32))
-    X_test = np.ascontiguousarray(X_test, dtype=np.float32)
+    forest.fit(np.asarray(_rows(X_train, train_rows), dtype=np.float32))
     denom_unit = _average_path_length(np.array([forest.max_samples_]))
-    depths = np.zeros(len(X_test), order="f")
-    out: dict[int, np.ndarray] = {}
+    n_features = X_test.shape[1]
+    all_features = getattr(forest, "_max_features", n_features) == n_features
+    trees = [
+        (
+            tree,
+            features,
+            tree.tree_.compute_node_depths()
+            + _average_path_length(tree.tree_.n_node_samples)
+            - 1.0,
+        )
+        for tree, features in zip(forest.estimators_, forest.estimators_features_, strict=True)
+    ]
+    rows = np.arange(len(X_test)) if test_rows is None else np.asarray(test_rows)
+    m = len(rows)
     wanted = set(sizes)
-    for i, (tree, features) in enumerate(
-        zip(forest.estimators_, forest.estimators_features_, strict=True), start=1
-    ):
-        all_features = getattr(forest, "_max_features", X_test.shape[1]) == X_test.shape[1]
-        X = X_test if all_features else X_test[:, features]
-        leaves = tree.apply(X, check_input=False)
-        node_depths = tree.tree_.compute_node_depths()
-        avg = _average_path_length(tree.tree_.n_node_samples)
-        depths += node_depths[leaves] + avg[leaves] - 1.0
-        if i in wanted:
-            denominator = i * denom_unit
-            out[i] = 2 ** (
-                -np.divide(depths, denominator, out=np.ones_like(depths), where=denominator != 0)
-            )
+    prefix = {n: np.zeros(m) for n in sizes}
+    step = max(1, int(chunk_bytes // max(4 * n_features, 1)))
+    for start in range(0, m, step):
+        X = np.ascontiguousarray(_rows(X_test, rows[start : start + step]), dtype=np.float32)
+        depths = np.zeros(len(X), order="f")
+        for i, (tree, features, leaf_value) in enumerate(trees, start=1):
+            leaves = tree.apply(X if all_features else X[:, features], check_input=False)
+            depths += leaf_value[leaves]
+            if i in wanted:
+                prefix[i][start : start + len(X)] = depths
+    out = {}
+    for n in sizes:
+        denominator = n * denom_unit
+        out[n] = 2 ** (-np.divide(prefix[n], denominator, out=np.ones(m), where=denominator != 0))
     return {int(n): out[int(n)] for n in n_estimators}
 
 
@@ -702,7 +734,9 @@ def shared_scores(
         for key, group in groups.items():
             sizes = [int(c.get("n_estimators", 100)) for c in group]
             try:
-                scores = iforest_scores(raw[train], raw[test], sizes, seed, **dict(key))
+                scores = iforest_scores(
+                    raw, raw, sizes, seed, train_rows=train, test_rows=test, **dict(key)
+                )
                 for config, n in zip(group, sizes, strict=True):
                     out[config] = scores[n]
             except Exception as exc:

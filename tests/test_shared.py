@@ -149,6 +149,18 @@ def test_isolation_forest_prefix_is_bit_identical() -> None:
     for n in (10, 70, 200):
         forest = IsolationForest(n_estimators=n, random_state=5).fit(X_tr)
         np.testing.assert_array_equal(ours[n], -forest.score_samples(X_te))
+    # Rows picked from the unit's features (a contiguous train range is a view, not a copy;
+    # the test rows scored a few at a time, in any order): the same bits.
+    rows = np.concatenate([X_tr, X_te])
+    test = np.array([310, 300, 339, 305])
+    by_rows = iforest_scores(rows, rows, [10, 70, 200], seed=5, train_rows=np.arange(300),
+                             test_rows=test, chunk_bytes=64)  # fmt: skip
+    for n in (10, 70, 200):
+        np.testing.assert_array_equal(by_rows[n], ours[n][test - 300])
+    shuffled = np.random.default_rng(2).permutation(300)
+    forest = IsolationForest(n_estimators=10, random_state=5).fit(X_tr[shuffled])
+    picked = iforest_scores(rows, rows, [10], seed=5, train_rows=shuffled, test_rows=test)
+    np.testing.assert_array_equal(picked[10], -forest.score_samples(rows[test]))
 
 
 def brute_force_log_density(
