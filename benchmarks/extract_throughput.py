@@ -1,22 +1,31 @@
 """Throughput of the extract stage vs. the bare forward pass, and disk use of the study grid.
 
-``python benchmarks/extract_throughput.py [--images 32]`` on MVTec AD's bottle images
-(../shared/data/mvtec_ad/bottle; skipped when absent). For each backbone it runs the whole
-stage work unit (decode in DataLoader workers, forward, flatten all 4 layers, Parquet
-shards, manifests) and the bare model forward on pre-decoded tensors, and prints images/s
-of both (target: stage >= 0.8x forward). It then prints bytes on disk per image (flatten,
-all 4 layers, float32 and float16) and projects the disk use of the study's full grid.
-Torchvision backbones run with random init (no ImageNet weights offline), efficientnet_lite0
-with its bundled ImageNet weights.
+``python benchmarks/extract_throughput.py [--images 32] [--repeat 1]`` on MVTec AD's bottle
+images (../shared/data/mvtec_ad/bottle; skipped when absent). For each backbone it runs the
+whole stage work unit (``extract_unit``: model build, decode in DataLoader workers, forward,
+flatten all 4 layers, Parquet shards written and fsynced, manifests) and the bare model
+forward on tensors decoded and preprocessed beforehand (same model, torch threads, batch
+size and batches; warmed up with one full batch), and prints images/s of both (target:
+stage >= 0.8x forward). The stage runs twice: cold (no decoded image cached: the first
+backbone of a category decodes every PNG) and warm (``extract.decoded_cache`` filled: the
+other backbones); ``study`` weighs them as the study's 8 units per category do (2 cold,
+6 warm). With ``--repeat N`` the runs alternate N times and the medians are printed. CPU time that other processes used meanwhile is reported, since it slows both.
+It then prints bytes on disk per image (flatten, all 4 layers, float32 and float16) and
+projects the disk use of the study's full grid. Torchvision backbones run with random init
+(no ImageNet weights offline), efficientnet_lite0 with its bundled ImageNet weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages.backbones import BACKBONES, build_extractor, preprocessing  # noqa: E402
-from stages.extract import WorkUnit, extract_unit  # noqa: E402
+from stages.extract import DECODED_DIR, WorkUnit, extract_unit  # noqa: E402
 from stages.features import ShardWriter, iter_shard_tables, read_manifest  # noqa: E402
 from stages.io import sha256_file  # noqa: E402
 
@@ -77,17 +86,53 @@ def bottle_index(root: Path, n_images: int) -> Path:
     return index
 
 
-def bare_forward(backbone: str, init: str, paths: list[str], batch_size: int) -> float:
-    """Images/s of the model alone on pre-decoded, pre-resized tensors."""
-    model = build_extractor(backbone, init, list(BACKBONES[backbone].layers))
+def decoded(backbone: str, paths: list[str]) -> torch.Tensor:
+    """The images as the stage's DataLoader workers hand them to the model."""
     transform = preprocessing(backbone)
-    tensors = torch.stack([transform(Image.open(p)) for p in paths])
+    return torch.stack([transform(Image.open(p)) for p in paths])
+
+
+def bare_forward(
+    backbone: str, init: str, tensors: torch.Tensor, batch_size: int, threads: int
+) -> float:
+    """Images/s of the model alone on pre-decoded, pre-resized tensors."""
+    torch.set_num_threads(threads)  # as the stage does (WorkUnit.torch_threads)
+    model = build_extractor(backbone, init, list(BACKBONES[backbone].layers))
     with torch.inference_mode():
-        model(tensors[:1])  # warm-up
+        model(tensors[:batch_size])  # warm-up, with the batch shape that is timed
         started = time.perf_counter()
         for i in range(0, len(tensors), batch_size):
             model(tensors[i : i + batch_size])
     return len(tensors) / (time.perf_counter() - started)
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes of this machine used so far (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as fh:
+            ticks = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # not idle/iowait
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (the DataLoader workers)."""
+    own, children = os.times()[:2], os.times()[2:4]
+    return sum(own) + sum(children)
+
+
+def timed(function, *args) -> tuple[Any, float, float | None]:
+    """``function(*args)``, its wall seconds, and the CPU seconds that other processes used
+    meanwhile (None where unknown)."""
+    busy, own = busy_cpu_seconds(), own_cpu_seconds()
+    started = time.perf_counter()
+    result = function(*args)
+    wall = time.perf_counter() - started
+    after = busy_cpu_seconds()
+    if busy is None or after is None:
+        return result, wall, None
+    return result, wall, max(0.0, (after - busy) - (own_cpu_seconds() - own))
 
 
 def float16_bytes(folders: list[Path], root: Path) -> int:
@@ -121,23 +166,27 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32, help="bottle images to use (max 292)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each; medians printed")
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     args = parser.parse_args()
     if not BOTTLE.is_dir():
         print(f"skipped: {BOTTLE} not found (MVTec AD bottle images are needed)")
         return
     print(
-        f"bottle: first {args.images} of 292 images (a subset keeps the run under 5 minutes on "
-        f"{torch.get_num_threads()} CPU threads), batch {args.batch_size}, "
+        f"bottle: first {args.images} of 292 images (a subset keeps the run under 5 minutes), "
+        f"{os.cpu_count()} CPU cores, {args.threads} torch threads, batch {args.batch_size}, "
         f"{args.num_workers} workers, flatten of all 4 layers, float32"
+        + (f", medians of {args.repeat} runs" if args.repeat > 1 else "")
     )
+    foreign: list[float] = []
     per_image: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         index = bottle_index(root, args.images)
         paths = pq.read_table(index, columns=["path"]).column("path").to_pylist()
-        print(f"{'backbone':<20}{'stage img/s':>12}{'forward img/s':>15}{'ratio':>7}"
-              f"{'MB/img f32':>12}{'MB/img f16':>12}")  # fmt: skip
+        print(f"{'backbone':<20}{'cold img/s':>11}{'warm img/s':>11}{'forward img/s':>14}"
+              f"{'cold':>6}{'warm':>6}{'study':>7}{'MB/img f32':>12}{'MB/img f16':>12}")  # fmt: skip
         for backbone in args.backbones:
             init = "imagenet" if backbone == "efficientnet_lite0" else "random"
             unit = WorkUnit(
@@ -152,17 +201,47 @@ def main() -> None:
                 batch_size=args.batch_size,
                 num_workers=args.num_workers,
                 shard_rows=64,
+                torch_threads=args.threads,
             )
-            started = time.perf_counter()
-            summary = extract_unit(unit)
-            stage = len(paths) / (time.perf_counter() - started)
-            forward = bare_forward(backbone, init, paths, args.batch_size)
+            tensors = decoded(backbone, paths)
+            colds, warms, forwards = [], [], []
+            for _ in range(args.repeat):  # alternate, so a load that comes and goes hits both
+                # Every run computes every shard: none is left from the previous one. Cold:
+                # no decoded image cached (the first backbone of a category); warm: all are.
+                for rates, drop_decoded in ((colds, True), (warms, False)):
+                    shutil.rmtree(Path(unit.out, "bottle"), ignore_errors=True)
+                    if drop_decoded:
+                        shutil.rmtree(Path(unit.out, DECODED_DIR), ignore_errors=True)
+                    summary, wall, other = timed(extract_unit, unit)
+                    rates.append(len(paths) / wall)
+                    foreign += [other] if other is not None else []
+                rate, _, other = timed(
+                    bare_forward, backbone, init, tensors, args.batch_size, args.threads
+                )
+                forwards.append(rate)
+                foreign += [other] if other is not None else []
+            del tensors
+            cold, warm = statistics.median(colds), statistics.median(warms)
+            forward = statistics.median(forwards)
+            # The study's 8 units per category decode twice (resize 256 for resnet18 and the
+            # ViTs, 232 for resnet50) and read the cache 6 times.
+            study = 1.0 / (0.25 * forward / cold + 0.75 * forward / warm)
             folders = [Path(entry["folder"]) for entry in summary["feature_sets"]]
             f32 = sum(read_manifest(f)["bytes"] for f in folders) / len(paths)
             f16 = float16_bytes(folders, root) / len(paths)
             per_image[backbone] = (f32, f16)
-            print(f"{backbone:<20}{stage:>12.1f}{forward:>15.1f}{stage / forward:>7.2f}"
+            print(f"{backbone:<20}{cold:>11.1f}{warm:>11.1f}{forward:>14.1f}"
+                  f"{cold / forward:>6.2f}{warm / forward:>6.2f}{study:>7.2f}"
                   f"{f32 / 1e6:>12.2f}{f16 / 1e6:>12.2f}")  # fmt: skip
+            if args.repeat > 1:
+                print(f"  runs: cold {', '.join(f'{x:.1f}' for x in colds)}; "
+                      f"warm {', '.join(f'{x:.1f}' for x in warms)}; "
+                      f"forward {', '.join(f'{x:.1f}' for x in forwards)}")  # fmt: skip
+    if foreign:
+        print(
+            f"other processes used {sum(foreign):.1f} CPU s during these measurements "
+            f"(at most {max(foreign):.1f} s in one run; 0 on an idle machine)"
+        )
 
     augment = augmentation_counts()
     images = sum(train * (1 + augment[c]) + test for c, (train, test) in MVTEC_COUNTS.items())

@@ -149,8 +149,8 @@ def get_backbone(name: str) -> Backbone:
         raise UserError(f"unknown backbone '{name}' (valid: {', '.join(BACKBONES)})") from None
 
 
-def preprocessing(backbone: str, crop: bool = True) -> T.Compose:
-    """PIL image -> normalised 3x224x224 tensor, as the weights' own ``transforms()``.
+def geometry(backbone: str, crop: bool = True) -> T.Compose:
+    """PIL image -> uint8 3x224x224 tensor: the resize/crop part of :func:`preprocessing`.
 
     ``crop=True`` resizes the shorter side (256 for most weights) and centre-crops 224, as
     the study did; ``crop=False`` resizes the whole image to 224x224 so defects near the
@@ -159,18 +159,28 @@ def preprocessing(backbone: str, crop: bool = True) -> T.Compose:
     spec = get_backbone(backbone)
     bilinear = T.InterpolationMode.BILINEAR
     if crop:
-        geometry = [T.Resize(spec.resize, bilinear, antialias=True), T.CenterCrop(INPUT_SIZE)]
+        steps = [T.Resize(spec.resize, bilinear, antialias=True), T.CenterCrop(INPUT_SIZE)]
     else:
-        geometry = [T.Resize((INPUT_SIZE, INPUT_SIZE), bilinear, antialias=True)]
-    return T.Compose(
-        [
-            T.Lambda(_to_rgb),
-            *geometry,
-            T.PILToTensor(),
-            T.ConvertImageDtype(torch.float32),
-            T.Normalize(spec.mean, spec.std),
-        ]
-    )
+        steps = [T.Resize((INPUT_SIZE, INPUT_SIZE), bilinear, antialias=True)]
+    return T.Compose([T.Lambda(_to_rgb), *steps, T.PILToTensor()])
+
+
+def geometry_key(backbone: str, crop: bool = True) -> str:
+    """Names what :func:`geometry` computes: backbones with equal keys share decoded images."""
+    resize = get_backbone(backbone).resize
+    return f"resize{resize}-crop{INPUT_SIZE}" if crop else f"resize{INPUT_SIZE}x{INPUT_SIZE}"
+
+
+def normalisation(backbone: str) -> T.Compose:
+    """uint8 tensor -> float32 tensor normalised with the weights' mean and std."""
+    spec = get_backbone(backbone)
+    return T.Compose([T.ConvertImageDtype(torch.float32), T.Normalize(spec.mean, spec.std)])
+
+
+def preprocessing(backbone: str, crop: bool = True) -> T.Compose:
+    """PIL image -> normalised 3x224x224 tensor, as the weights' own ``transforms()``:
+    :func:`geometry` then :func:`normalisation`."""
+    return T.Compose([geometry(backbone, crop), normalisation(backbone)])
 
 
 def _to_rgb(image):

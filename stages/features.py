@@ -201,8 +201,14 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self._features:
             return
-        values = np.concatenate(self._features).reshape(-1)
-        feature = pa.FixedSizeListArray.from_arrays(pa.array(values), self.dim)
+        # One Arrow chunk per buffered batch, each a zero-copy view of its numpy buffer.
+        feature = pa.chunked_array(
+            [
+                pa.FixedSizeListArray.from_arrays(pa.array(f.reshape(-1)), self.dim)
+                for f in self._features
+            ],
+            type=self._writer.schema.field("feature").type,
+        )
         columns = [pa.array(self._meta[c]) for c in META_COLUMNS]
         table = pa.Table.from_arrays([*columns, feature], schema=self._writer.schema)
         self._writer.write_table(table)

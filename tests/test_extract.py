@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +26,13 @@ from torchvision.models import ResNet18_Weights
 from stages import extract
 from stages.backbones import build_extractor, get_backbone, preprocessing, represent
 from stages.errors import UserError, run_cli
-from stages.features import MANIFEST, load_feature_set, read_manifest, shard_schema
+from stages.features import (
+    MANIFEST,
+    ShardWriter,
+    load_feature_set,
+    read_manifest,
+    shard_schema,
+)
 from stages.io import sha256_file
 from tests.extract_fixtures import CATEGORIES, draw_image, make_dataset, write_params
 
@@ -282,3 +292,88 @@ def test_sigkill_then_rerun_resumes_without_recomputing_finished_shards(
         assert a.manifest["content_hash"] == b.manifest["content_hash"]
         assert list(a.image_id) == list(b.image_id)
         assert np.array_equal(a.X, b.X), relative
+
+
+def test_features_equal_a_direct_forward_pass_bitwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding in worker processes, the decoded cache (cold, warm, torn, off), batching and
+    the writer thread change no bit of a feature."""
+    layers, representations = ["layer1", "layer4"], ["flatten", "grid:2"]
+    section = {
+        **FAST,
+        "num_workers": 2,
+        "extractors": [
+            {
+                "backbone": "resnet18",
+                "init": "random",
+                "layers": layers,
+                "representations": representations,
+            }
+        ],
+    }
+    [unit] = extract.work_units(_stage(tmp_path, section, monkeypatch, ONE_CATEGORY))
+    summary = extract.extract_unit(unit)
+
+    rows = extract.unit_rows(unit)
+    n = len(rows["path"])
+    chunks = [range(s, min(s + unit.shard_rows, n)) for s in range(0, n, unit.shard_rows)]
+    transform = preprocessing("resnet18")
+    images = [transform(Image.open(path)) for path in rows["path"]]
+    model = build_extractor("resnet18", "random", layers, seed=unit.seed)
+    with torch.inference_mode():  # the same batches as the stage: numerics may depend on them
+        outputs = [model(torch.stack([images[i] for i in b])) for b in extract._batches(chunks, 4)]
+
+    def check(summary: dict) -> None:
+        for entry in summary["feature_sets"]:
+            expected = np.concatenate(
+                [represent(out[entry["layer"]], entry["representation"]).numpy() for out in outputs]
+            )
+            features = load_feature_set(entry["folder"])
+            assert list(features.image_id) == rows["image_id"]
+            assert features.X.dtype == expected.dtype, entry
+            assert np.array_equal(features.X, expected), entry
+
+    check(summary)  # a cold decoded cache: every image decoded and written there
+    cache = Path(unit.out) / extract.DECODED_DIR / "resize256-crop224"
+    cached = sorted(cache.rglob("*.npy"))
+    assert len(cached) == len(set(rows["sha256"])) == n
+    assert not list(cache.rglob(".*"))  # no temp file left
+    torn = extract.decoded_path(unit.out, "resize256-crop224", rows["sha256"][3])
+    torn.write_bytes(torn.read_bytes()[:1000])  # as a crash mid-write could leave it
+    shutil.rmtree(Path(unit.out) / unit.category)
+    check(extract.extract_unit(unit))  # warm: read from the cache, the torn file decoded again
+    assert np.load(torn).shape == (3, 224, 224)
+    no_cache = dataclasses.replace(unit, decoded_cache=False, out=str(tmp_path / "no-cache"))
+    check(extract.extract_unit(no_cache))
+    assert not (tmp_path / "no-cache" / extract.DECODED_DIR).exists()
+
+
+def test_write_error_on_the_writer_thread_fails_the_unit_and_a_rerun_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards are written on a background thread: its error reaches the caller, the shard
+    it was writing and those queued after it are absent (no temp files), the thread ends."""
+    [unit] = extract.work_units(_stage(tmp_path, FAST, monkeypatch, ONE_CATEGORY))
+    real_flush = ShardWriter._flush
+
+    def full_at_second_shard(self: ShardWriter) -> None:
+        if self.path.name == "part-00001.parquet":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_flush(self)
+
+    monkeypatch.setattr(ShardWriter, "_flush", full_at_second_shard)
+    with pytest.raises(UserError, match=r"part-00001\.parquet: disk full while writing"):
+        extract.extract_unit(unit)
+    out = Path(unit.out)
+    shards = sorted(out.rglob("part-*.parquet"))
+    assert len(shards) == 2 * 3  # shard 0 of each layer x representation, complete
+    assert {p.name for p in shards} == {"part-00000.parquet"}
+    assert all(pq.read_table(p).num_rows == 8 for p in shards)
+    assert not list(out.rglob("*.tmp-*")) and not list(out.rglob(MANIFEST))
+    assert not [t for t in threading.enumerate() if t.name.startswith("extract-writer")]
+
+    monkeypatch.setattr(ShardWriter, "_flush", real_flush)  # space freed
+    summary = extract.extract_unit(unit)
+    assert (summary["shards_skipped"], summary["shards_total"]) == (6, 18)
+    assert all(read_manifest(e["folder"])["n_rows"] == 22 for e in summary["feature_sets"])
