@@ -100,12 +100,34 @@ def load_feature_set(
     folder: str | Path, dtype: type = np.float32, *, with_features: bool = True
 ) -> FeatureSet:
     """Read a complete feature set into memory (only its row metadata: ``with_features=False``,
-    then ``X`` has 0 columns)."""
+    then ``X`` has 0 columns).
+
+    The vectors are copied shard by shard into one preallocated array, so the peak is the
+    array plus one shard (not twice the feature set, which for resnet50 layer1 flatten on
+    one category is 2 x 4.3 GB).
+    """
     columns = None if with_features else list(META_COLUMNS)
-    tables = list(iter_shard_tables(folder, columns=columns))
     manifest = read_manifest(folder)
+    n_rows = int((manifest or {}).get("n_rows") or 0)
+    dim = int((manifest or {}).get("dim") or 0) if with_features else 0
+    X = np.empty((n_rows, dim), dtype=dtype)
+    metas, start = [], 0
+    for table in iter_shard_tables(folder, columns=columns):  # raises without a manifest
+        metas.append(table.select(list(META_COLUMNS)))
+        if with_features:
+            block = feature_matrix(table, dtype)
+            if block.shape[1] != dim or start + len(block) > n_rows:
+                raise UserError(
+                    f"{folder}: shards do not match {MANIFEST} (rerun the extract stage)"
+                )
+            X[start : start + len(block)] = block
+        start += table.num_rows
+        del table
     assert manifest is not None
-    table = pa.concat_tables(tables)
+    if start != n_rows:
+        raise UserError(f"{folder}: shards do not match {MANIFEST} (rerun the extract stage)")
+    pa.default_memory_pool().release_unused()
+    table = pa.concat_tables(metas)
     meta = {c: table.column(c).to_numpy(zero_copy_only=False) for c in META_COLUMNS}
     return FeatureSet(
         manifest=manifest,
@@ -114,9 +136,7 @@ def load_feature_set(
         source=meta["source"].astype(str),
         defect_type=meta["defect_type"].astype(str),
         is_anomaly=meta["is_anomaly"].astype(bool),
-        X=feature_matrix(table, dtype)
-        if with_features
-        else np.empty((table.num_rows, 0), dtype=dtype),
+        X=X,
     )
 
 
