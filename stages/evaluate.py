@@ -468,8 +468,10 @@ def _shared_rows(
     """The shared path for ``experiments``; ``fallback`` run per config on the same rows."""
     features = unit.features
     needs_raw = bool(fallback) or any(e.detector.family == "IsolationForest" for e in experiments)
+    # train_first: both training sets are contiguous rows, so IsolationForest fits on a view
+    # (a copy of resnet50 layer1 flatten's 1,254 training rows alone is 4 GB)
     fs = (
-        load_feature_set(features.folder)
+        load_feature_set(features.folder, train_first=True)
         if needs_raw
         else load_feature_set(features.folder, with_features=False)
     )

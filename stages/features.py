@@ -97,38 +97,55 @@ def feature_matrix(table: pa.Table, dtype: type = np.float32) -> np.ndarray:
 
 
 def load_feature_set(
-    folder: str | Path, dtype: type = np.float32, *, with_features: bool = True
+    folder: str | Path,
+    dtype: type = np.float32,
+    *,
+    with_features: bool = True,
+    train_first: bool = False,
 ) -> FeatureSet:
     """Read a complete feature set into memory (only its row metadata: ``with_features=False``,
     then ``X`` has 0 columns).
 
     The vectors are copied shard by shard into one preallocated array, so the peak is the
     array plus one shard (not twice the feature set, which for resnet50 layer1 flatten on
-    one category is 2 x 4.3 GB).
+    one category is 2 x 4.3 GB). ``train_first`` moves the test rows after the augmented
+    ones (the stored order is train originals, test, augmented), so that both training
+    sets are contiguous and a detector can train on a view instead of a copy.
     """
-    columns = None if with_features else list(META_COLUMNS)
     manifest = read_manifest(folder)
-    n_rows = int((manifest or {}).get("n_rows") or 0)
-    dim = int((manifest or {}).get("dim") or 0) if with_features else 0
+    if manifest is None:
+        raise UserError(
+            f"{folder}: feature set incomplete (no {MANIFEST}); rerun the extract stage"
+        )
+    n_rows = int(manifest.get("n_rows") or 0)
+    dim = int(manifest.get("dim") or 0) if with_features else 0
+    table = pa.concat_tables(iter_shard_tables(folder, columns=list(META_COLUMNS)))
+    meta = {c: table.column(c).to_numpy(zero_copy_only=False) for c in META_COLUMNS}
+    if table.num_rows != n_rows:
+        raise UserError(f"{folder}: shards do not match {MANIFEST} (rerun the extract stage)")
+    order = np.arange(n_rows)
+    if train_first:
+        order = np.argsort(meta["split"].astype(str) != "train", kind="stable")
+        meta = {c: v[order] for c, v in meta.items()}
+    position = np.empty(n_rows, dtype=np.int64)
+    position[order] = np.arange(n_rows)  # stored row -> row in memory
     X = np.empty((n_rows, dim), dtype=dtype)
-    metas, start = [], 0
-    for table in iter_shard_tables(folder, columns=columns):  # raises without a manifest
-        metas.append(table.select(list(META_COLUMNS)))
-        if with_features:
-            block = feature_matrix(table, dtype)
+    if with_features:
+        start = 0
+        for shard in iter_shard_tables(folder, columns=["feature"]):
+            block = feature_matrix(shard, dtype)
             if block.shape[1] != dim or start + len(block) > n_rows:
                 raise UserError(
                     f"{folder}: shards do not match {MANIFEST} (rerun the extract stage)"
                 )
-            X[start : start + len(block)] = block
-        start += table.num_rows
-        del table
-    assert manifest is not None
-    if start != n_rows:
-        raise UserError(f"{folder}: shards do not match {MANIFEST} (rerun the extract stage)")
-    pa.default_memory_pool().release_unused()
-    table = pa.concat_tables(metas)
-    meta = {c: table.column(c).to_numpy(zero_copy_only=False) for c in META_COLUMNS}
+            where = position[start : start + len(block)]
+            if train_first:
+                X[where] = block
+            else:
+                X[start : start + len(block)] = block
+            start += len(block)
+            del shard, block
+        pa.default_memory_pool().release_unused()
     return FeatureSet(
         manifest=manifest,
         image_id=meta["image_id"].astype(str),

@@ -285,3 +285,40 @@ def test_non_finite_features_give_nan_scores_not_crashes(unit: dict) -> None:
     assert set(errors) == {configs[3]}
     clean = shared_scores(gram, unit["train"][False], unit["test"], configs)
     assert all(np.isfinite(v).all() for v in clean.values())
+
+
+def test_train_first_loading_keeps_rows_and_makes_training_sets_contiguous(tmp_path) -> None:
+    """Stored order is train originals, test, augmented; train_first puts test last."""
+    from stages.features import ShardWriter, load_feature_set, write_manifest
+
+    rng = np.random.default_rng(0)
+    splits = ["train"] * 3 + ["test"] * 2 + ["train"] * 4
+    sources = ["original"] * 5 + ["rot90"] * 4
+    X = rng.normal(size=(9, 5)).astype(np.float32)
+    folder = tmp_path / "fs"
+    folder.mkdir()
+    shards = []
+    for k, rows in enumerate((range(0, 4), range(4, 9))):  # a shard boundary inside test
+        name = f"part-{k:05d}.parquet"
+        writer = ShardWriter(folder / name, 5, "float32", "h")
+        meta = {
+            "image_id": [f"img{i}" for i in rows],
+            "split": [splits[i] for i in rows],
+            "source": [sources[i] for i in rows],
+            "defect_type": ["good" if splits[i] == "train" else "crack" for i in rows],
+            "is_anomaly": [splits[i] == "test" for i in rows],
+        }
+        writer.add(meta, X[list(rows)])
+        writer.close()
+        shards.append(name)
+    write_manifest(folder, {"shards": shards, "n_rows": 9, "dim": 5})
+    stored = load_feature_set(folder)
+    moved = load_feature_set(folder, train_first=True)
+    order = [0, 1, 2, 5, 6, 7, 8, 3, 4]
+    np.testing.assert_array_equal(stored.X, X)
+    np.testing.assert_array_equal(moved.X, X[order])
+    assert list(moved.image_id) == [f"img{i}" for i in order]
+    for augmented in (False, True):
+        train = np.flatnonzero(moved.rows("train", augmented))
+        assert list(train) == list(range(len(train)))  # contiguous from row 0
+        np.testing.assert_array_equal(moved.X[train], stored.X[stored.rows("train", augmented)])
