@@ -465,7 +465,9 @@ def main(argv: list[str] | None = None) -> None:
     progress.close()
     if len(args.layers) > 1:
         print(f"\n=== all measured layers: {', '.join(args.layers)} ===")
-        print_table(totals_plain, totals_ours, {(k[1], k[2]): v for k, v in all_aucs.items()})
+        print_table(
+            totals_plain, totals_ours, {((k[0], k[1]), k[2]): v for k, v in all_aucs.items()}
+        )
     if measured:
         project(measured, forward_seconds_per_image())
 
