@@ -190,6 +190,7 @@ def test_results_database_in_a_missing_folder_is_created(tmp_path: Path) -> None
 
 SHARDS = {  # resnet18 layer4 flattened: ~200 kB per 2-image shard, 11 shards for alpha
     "num_workers": 0,
+    "decoded_cache": False,  # the shards alone fill the tiny disk, in a fixed order
     "batch_size": 2,
     "shard_rows": 2,
     "extractors": [
@@ -254,3 +255,15 @@ def test_disk_full_while_writing_a_shard_then_rerun_continues(tmp_path: Path) ->
     reference = load_feature_set(fresh / "cache/features/alpha/resnet18-random/layer4/flatten")
     assert list(resumed.image_id) == list(reference.image_id)
     assert np.array_equal(resumed.X, reference.X)
+
+    # A decoded-image cache that cannot be written only costs time: same features, exit 0.
+    cached = tmp_path / "cache-full"
+    write_extract_params(cached, make_dataset(cached, ONE_CATEGORY),
+                         {**SHARDS, "decoded_cache": True})  # fmt: skip
+    decoded = cached / "cache/features/_decoded"
+    with tiny_filesystem(decoded, "200k"):  # room for one decoded image, not 22
+        result = _extract(cached)
+        assert result.returncode == 0, result.stderr
+        assert not list(decoded.rglob(".*"))  # no temp file left behind
+    features = load_feature_set(cached / "cache/features/alpha/resnet18-random/layer4/flatten")
+    assert np.array_equal(features.X, reference.X)
