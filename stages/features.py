@@ -123,12 +123,12 @@ def load_feature_set(
     meta = {c: table.column(c).to_numpy(zero_copy_only=False) for c in META_COLUMNS}
     if table.num_rows != n_rows:
         raise UserError(f"{folder}: shards do not match {MANIFEST} (rerun the extract stage)")
-    order = np.arange(n_rows)
+    position = None  # stored row -> row in memory, where they differ
     if train_first:
         order = np.argsort(meta["split"].astype(str) != "train", kind="stable")
         meta = {c: v[order] for c, v in meta.items()}
-    position = np.empty(n_rows, dtype=np.int64)
-    position[order] = np.arange(n_rows)  # stored row -> row in memory
+        position = np.empty(n_rows, dtype=np.int64)
+        position[order] = np.arange(n_rows)
     X = np.empty((n_rows, dim), dtype=dtype)
     if with_features:
         start = 0
@@ -138,11 +138,10 @@ def load_feature_set(
                 raise UserError(
                     f"{folder}: shards do not match {MANIFEST} (rerun the extract stage)"
                 )
-            where = position[start : start + len(block)]
-            if train_first:
-                X[where] = block
-            else:
+            if position is None:
                 X[start : start + len(block)] = block
+            else:
+                X[position[start : start + len(block)]] = block
             start += len(block)
             del shard, block
         pa.default_memory_pool().release_unused()
