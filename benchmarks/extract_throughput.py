@@ -4,9 +4,11 @@
 images (../shared/data/mvtec_ad/bottle; skipped when absent). For each backbone it runs the
 whole stage work unit (``extract_unit``: model build, decode in DataLoader workers, forward,
 flatten all 4 layers, Parquet shards written and fsynced, manifests) and the bare model
-forward on tensors decoded and preprocessed beforehand (same model, torch threads, batch
-size and batches; warmed up with one full batch), and prints images/s of both (target:
-stage >= 0.8x forward). The stage runs twice: cold (no decoded image cached: the first
+forward on tensors decoded and preprocessed beforehand (same model, batch size and batches;
+warmed up with one full batch) in two ways: one forward pass at a time using every core
+(``fwd 1xN``, torch's usual way) and as the stage runs it (``--streams`` passes at once,
+``--threads`` each). It prints images/s of all and the stage's ratios to the faster bare
+forward (target: >= 0.8x). The stage runs twice: cold (no decoded image cached: the first
 backbone of a category decodes every PNG) and warm (``extract.decoded_cache`` filled: the
 other backbones); ``study`` weighs them as the study's 8 units per category do (2 cold,
 6 warm). With ``--repeat N`` the runs alternate N times and the medians are printed. CPU time that other processes used meanwhile is reported, since it slows both.
@@ -24,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -93,16 +96,22 @@ def decoded(backbone: str, paths: list[str]) -> torch.Tensor:
 
 
 def bare_forward(
-    backbone: str, init: str, tensors: torch.Tensor, batch_size: int, threads: int
+    backbone: str, init: str, tensors: torch.Tensor, batch_size: int, threads: int, streams: int
 ) -> float:
-    """Images/s of the model alone on pre-decoded, pre-resized tensors."""
-    torch.set_num_threads(threads)  # as the stage does (WorkUnit.torch_threads)
+    """Images/s of the model alone on pre-decoded, pre-resized tensors: ``streams`` batches
+    at once, each forwarded on its own thread with ``threads`` intra-op threads."""
+    torch.set_num_threads(threads)
     model = build_extractor(backbone, init, list(BACKBONES[backbone].layers))
-    with torch.inference_mode():
-        model(tensors[:batch_size])  # warm-up, with the batch shape that is timed
+
+    def forward(batch: torch.Tensor) -> None:
+        with torch.inference_mode():
+            model(batch)
+
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(forward, [tensors[:batch_size]] * streams))  # warm-up, timed shape
         started = time.perf_counter()
-        for i in range(0, len(tensors), batch_size):
-            model(tensors[i : i + batch_size])
+        batches = [tensors[i : i + batch_size] for i in range(0, len(tensors), batch_size)]
+        list(pool.map(forward, batches))
     return len(tensors) / (time.perf_counter() - started)
 
 
@@ -166,7 +175,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32, help="bottle images to use (max 292)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--streams", type=int, default=2, help="forward passes at once")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; medians printed")
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     args = parser.parse_args()
@@ -175,7 +185,8 @@ def main() -> None:
         return
     print(
         f"bottle: first {args.images} of 292 images (a subset keeps the run under 5 minutes), "
-        f"{os.cpu_count()} CPU cores, {args.threads} torch threads, batch {args.batch_size}, "
+        f"{os.cpu_count()} CPU cores, {args.streams} forward streams x {args.threads} torch "
+        f"threads, batch {args.batch_size}, "
         f"{args.num_workers} workers, flatten of all 4 layers, float32"
         + (f", medians of {args.repeat} runs" if args.repeat > 1 else "")
     )
@@ -185,7 +196,9 @@ def main() -> None:
         root = Path(tmp)
         index = bottle_index(root, args.images)
         paths = pq.read_table(index, columns=["path"]).column("path").to_pylist()
-        print(f"{'backbone':<20}{'cold img/s':>11}{'warm img/s':>11}{'forward img/s':>14}"
+        cores = args.streams * args.threads
+        one, many = f"fwd 1x{cores}", f"fwd {args.streams}x{args.threads}"
+        print(f"{'backbone':<20}{'cold img/s':>11}{'warm img/s':>11}{one:>10}{many:>10}"
               f"{'cold':>6}{'warm':>6}{'study':>7}{'MB/img f32':>12}{'MB/img f16':>12}")  # fmt: skip
         for backbone in args.backbones:
             init = "imagenet" if backbone == "efficientnet_lite0" else "random"
@@ -202,9 +215,14 @@ def main() -> None:
                 num_workers=args.num_workers,
                 shard_rows=64,
                 torch_threads=args.threads,
+                forward_streams=args.streams,
             )
             tensors = decoded(backbone, paths)
-            colds, warms, forwards = [], [], []
+            colds, warms = [], []
+            forwards: dict[tuple[int, int], list[float]] = {
+                (cores, 1): [],
+                (args.threads, args.streams): [],
+            }
             for _ in range(args.repeat):  # alternate, so a load that comes and goes hits both
                 # Every run computes every shard: none is left from the previous one. Cold:
                 # no decoded image cached (the first backbone of a category); warm: all are.
@@ -215,14 +233,16 @@ def main() -> None:
                     summary, wall, other = timed(extract_unit, unit)
                     rates.append(len(paths) / wall)
                     foreign += [other] if other is not None else []
-                rate, _, other = timed(
-                    bare_forward, backbone, init, tensors, args.batch_size, args.threads
-                )
-                forwards.append(rate)
-                foreign += [other] if other is not None else []
+                for (threads, streams), rates in forwards.items():
+                    rate, _, other = timed(
+                        bare_forward, backbone, init, tensors, args.batch_size, threads, streams
+                    )
+                    rates.append(rate)
+                    foreign += [other] if other is not None else []
             del tensors
             cold, warm = statistics.median(colds), statistics.median(warms)
-            forward = statistics.median(forwards)
+            fwd_one, fwd_many = (statistics.median(rates) for rates in forwards.values())
+            forward = max(fwd_one, fwd_many)  # ratios against the faster bare forward
             # The study's 8 units per category decode twice (resize 256 for resnet18 and the
             # ViTs, 232 for resnet50) and read the cache 6 times.
             study = 1.0 / (0.25 * forward / cold + 0.75 * forward / warm)
@@ -230,13 +250,14 @@ def main() -> None:
             f32 = sum(read_manifest(f)["bytes"] for f in folders) / len(paths)
             f16 = float16_bytes(folders, root) / len(paths)
             per_image[backbone] = (f32, f16)
-            print(f"{backbone:<20}{cold:>11.1f}{warm:>11.1f}{forward:>14.1f}"
+            print(f"{backbone:<20}{cold:>11.1f}{warm:>11.1f}{fwd_one:>10.1f}{fwd_many:>10.1f}"
                   f"{cold / forward:>6.2f}{warm / forward:>6.2f}{study:>7.2f}"
                   f"{f32 / 1e6:>12.2f}{f16 / 1e6:>12.2f}")  # fmt: skip
             if args.repeat > 1:
                 print(f"  runs: cold {', '.join(f'{x:.1f}' for x in colds)}; "
                       f"warm {', '.join(f'{x:.1f}' for x in warms)}; "
-                      f"forward {', '.join(f'{x:.1f}' for x in forwards)}")  # fmt: skip
+                      f"{one} {', '.join(f'{x:.1f}' for x in forwards[cores, 1])}; "
+                      f"{many} {', '.join(f'{x:.1f}' for x in forwards[args.threads, args.streams])}")  # fmt: skip
     if foreign:
         print(
             f"other processes used {sum(foreign):.1f} CPU s during these measurements "

@@ -21,9 +21,14 @@ Params (section ``extract``):
 - ``batch_size`` (16): images per forward pass.
 - ``num_workers`` (2): DataLoader worker processes that decode and resize images
   (0 = in the main process).
+- ``forward_streams`` (2) and ``torch_threads`` (1): batches forwarded at once, each on
+  its own thread with ``torch_threads`` intra-op threads; use streams x threads = the
+  cores a unit may use. Several single-threaded streams keep the cores busy while images
+  are decoded and shards written (one forward pass with several threads stalls them all
+  when one core is taken); the features are bitwise the same either way.
 - ``shard_rows`` (256): images per Parquet shard, the unit of resumption. Memory stays
-  bounded by three batches (one in the forward pass, two queued for the writer thread)
-  plus a 32 MiB row-group buffer per feature set, whatever this is.
+  bounded by ``forward_streams`` + 2 batches (those in forward passes, two queued for the
+  writer thread) plus a 32 MiB row-group buffer per feature set, whatever this is.
 - ``dtype`` (``float32``): ``float32`` or ``float16`` (half the disk).
 - ``crop`` (true): true = the weights' own ``transforms()`` as in the study (resize the
   shorter side to 256, 232 for resnet50, then centre-crop 224); false = resize the whole
@@ -59,7 +64,6 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from pydantic import Field
 from torch.utils.data import DataLoader, Dataset
 
@@ -75,6 +79,7 @@ from stages.backbones import (
     get_backbone,
     normalisation,
     parse_representation,
+    read_image,
     represent,
 )
 from stages.engine import EngineParams, dask_client, run_units
@@ -127,7 +132,8 @@ class ExtractParams(Section):
     crop: bool = True
     decoded_cache: bool = True
     extractors: Annotated[list[ExtractorParams], Field(min_length=1)]
-    torch_threads: Annotated[int, Field(ge=1)] = 2  # intra-op threads of one forward pass
+    torch_threads: Annotated[int, Field(ge=1)] = 1  # intra-op threads of one forward pass
+    forward_streams: Annotated[int, Field(ge=1)] = 2  # forward passes running at once
     # Work units run on Dask like the evaluation's: by default one local worker running one
     # unit at a time (torch's tracing is not thread-safe, so keep threads_per_worker 1);
     # ``address`` sends them to a running scheduler instead.
@@ -208,7 +214,8 @@ class WorkUnit:
     dtype: str = "float32"
     crop: bool = True
     workdir: str = "."  # relative image paths in the indexes are relative to this
-    torch_threads: int = 2
+    torch_threads: int = 1
+    forward_streams: int = 2
     decoded_cache: bool = True
 
     def extractor_config(self, layer: str, representation: str) -> dict[str, Any]:
@@ -251,6 +258,7 @@ def work_units(params_path: str | Path) -> list[WorkUnit]:
             crop=extract.crop,
             workdir=str(Path.cwd()),
             torch_threads=extract.torch_threads,
+            forward_streams=extract.forward_streams,
             decoded_cache=extract.decoded_cache,
         )
         for category in params.data.categories
@@ -325,7 +333,7 @@ class _Images(Dataset):
         return len(self.paths)
 
     def _decode(self, row: int) -> torch.Tensor:
-        with Image.open(self.paths[row]) as image:
+        with read_image(self.paths[row]) as image:
             return self.geometry(image)
 
     def _cached(self, row: int) -> torch.Tensor:
@@ -547,8 +555,12 @@ def _compute(
 ) -> None:
     """Forward the images of ``chunks``; write each chunk's missing shards as it completes.
 
-    The DataLoader workers start decoding before the model is built, and the shards are
-    written on a background thread (``_ShardSink``) while the next batch is forwarded.
+    The DataLoader workers start decoding before the model is built. ``forward_streams``
+    batches are forwarded at once on as many threads (each with ``torch_threads`` intra-op
+    threads; the numbers do not change a bit of the features), so decoding and writing on
+    a core delay one stream instead of stalling every thread of a single forward pass at
+    its next barrier. The shards are written on a background thread (``_ShardSink``), in
+    batch order.
     """
     torch.set_num_threads(unit.torch_threads)
     num_workers = unit.num_workers
@@ -564,6 +576,7 @@ def _compute(
         _Images(rows["path"], rows["sha256"], unit.backbone, unit.crop, cache),
         batch_sampler=_batches(chunks, unit.batch_size),
         num_workers=num_workers,
+        prefetch_factor=max(2, unit.forward_streams) if num_workers else None,
     )
     # Which feature sets each shard still needs, fixed before any shard is written.
     shard_of = {k: chunk.start // unit.shard_rows for k, chunk in enumerate(chunks)}
@@ -573,23 +586,41 @@ def _compute(
     total = sum(remaining.values())
     batches = iter(loader)  # starts the workers: they decode while the model is built
     sink = _ShardSink(unit, sets)
+    streams = ThreadPoolExecutor(unit.forward_streams, thread_name_prefix="extract-forward")
+    in_flight: deque[tuple[list[int], Future[list[tuple[int, np.ndarray]]]]] = deque()
     try:
         model = build_extractor(unit.backbone, unit.init, list(unit.layers), seed=unit.seed)
-        with progress(total=total, desc=name, unit="img") as bar, torch.inference_mode():
-            for indices, images in batches:
-                indices = indices.tolist()
-                k = chunk_of[indices[0]]
+
+        def forward(images: torch.Tensor, k: int) -> list[tuple[int, np.ndarray]]:
+            with torch.inference_mode():  # thread-local: entered on the stream's thread
                 activations = model(images)
-                meta = {c: [rows[c][i] for i in indices] for c in META_COLUMNS}
-                vectors = [
+                return [
                     (j, represent(activations[sets[j].layer], sets[j].representation).numpy())
                     for j in todo[k]
                 ]
-                remaining[k] -= len(indices)
-                sink.put(shard_of[k], meta, vectors, last=remaining[k] == 0)
-                bar.update(len(indices))
+
+        def write_oldest() -> None:
+            indices, future = in_flight.popleft()
+            k = chunk_of[indices[0]]
+            vectors = future.result()
+            meta = {c: [rows[c][i] for i in indices] for c in META_COLUMNS}
+            remaining[k] -= len(indices)
+            sink.put(shard_of[k], meta, vectors, last=remaining[k] == 0)
+            bar.update(len(indices))
+
+        with progress(total=total, desc=name, unit="img") as bar:
+            for indices, images in batches:
+                indices = indices.tolist()
+                in_flight.append((indices, streams.submit(forward, images, chunk_of[indices[0]])))
+                if len(in_flight) >= unit.forward_streams:
+                    write_oldest()
+            while in_flight:
+                write_oldest()
             sink.finish()
     finally:
+        for _, future in in_flight:
+            future.cancel()
+        streams.shutdown(wait=True)
         sink.abort()
         del batches  # shuts the DataLoader workers down
 
@@ -687,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             on_error=on_error,
             on_crash=on_crash,
             scratch=out / ".engine",
-            threads=units[0].torch_threads,
+            threads=units[0].torch_threads * units[0].forward_streams,
             name="extract",
         )
     if failures:

@@ -210,7 +210,12 @@ class ShardWriter:
             tmp = self._stack.enter_context(atomic_path(self.path))
             try:
                 self._writer = pq.ParquetWriter(
-                    tmp, schema, compression="snappy", use_dictionary=list(META_COLUMNS[:4])
+                    tmp,
+                    schema,
+                    compression="snappy",
+                    use_dictionary=list(META_COLUMNS[:4]),
+                    # min/max of the feature values would cost CPU and tell nobody anything
+                    write_statistics=list(META_COLUMNS),
                 )
             except BaseException as exc:
                 self._stack.__exit__(type(exc), exc, exc.__traceback__)  # drop the temp file

@@ -24,7 +24,13 @@ from PIL import Image
 from torchvision.models import ResNet18_Weights
 
 from stages import extract
-from stages.backbones import build_extractor, get_backbone, preprocessing, represent
+from stages.backbones import (
+    build_extractor,
+    get_backbone,
+    preprocessing,
+    read_image,
+    represent,
+)
 from stages.errors import UserError, run_cli
 from stages.features import (
     MANIFEST,
@@ -35,6 +41,7 @@ from stages.features import (
 )
 from stages.io import sha256_file
 from tests.extract_fixtures import CATEGORIES, draw_image, make_dataset, write_params
+from tests.mvtec_fixtures import SHARED_MVTEC
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_CATEGORY = {"alpha": CATEGORIES["alpha"]}
@@ -78,6 +85,56 @@ def test_layer_shapes_and_representations(backbone: str) -> None:
         assert represent(out[layer], "flatten").shape == (1, int(np.prod(shape)))
         assert represent(out[layer], "avg").shape == (1, channels)
         assert represent(out[layer], "grid:2").shape == (1, channels * 4)
+
+
+def _pixels_of(image: Image.Image) -> np.ndarray:
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+@pytest.mark.parametrize(
+    "mode, fmt, fast",
+    [
+        ("RGB", "PNG", True),
+        ("L", "PNG", True),
+        ("P", "PNG", False),
+        ("RGBA", "PNG", False),
+        ("LA", "PNG", False),
+        ("I;16", "PNG", False),
+        ("RGB", "JPEG", False),
+    ],
+)
+def test_read_image_gives_pillows_pixels(tmp_path: Path, mode: str, fmt: str, fast: bool) -> None:
+    """libspng decodes 8-bit grayscale and RGB PNGs; Pillow everything else; pixels equal."""
+    rng = np.random.default_rng(0)
+    ramp = np.add.outer(np.arange(70), np.arange(90)).astype(np.uint8)  # every PNG filter
+    rgb = np.stack([ramp, ramp.T[:70, :70].repeat(2, 1)[:, :90], ramp // 2], axis=-1)
+    rgb[::7] = rng.integers(0, 256, rgb[::7].shape, dtype=np.uint8)
+    image = Image.fromarray(rgb).convert(mode if mode != "I;16" else "I")
+    if mode == "I;16":
+        image = Image.fromarray((np.asarray(image, dtype=np.uint16) * 257).astype(np.uint16))
+    path = tmp_path / f"image.{fmt.lower()}"
+    image.save(path, format=fmt)
+    with Image.open(path) as expected:
+        expected.load()
+        decoded = read_image(path)
+        assert decoded.mode == expected.mode and decoded.size == expected.size
+        assert np.array_equal(_pixels_of(decoded), _pixels_of(expected))
+        assert (type(decoded) is Image.Image) == fast  # Image.open gives a PngImageFile
+
+
+def test_read_image_of_a_broken_png_fails_as_pillow_does(tmp_path: Path) -> None:
+    path = tmp_path / "torn.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(OSError):
+        read_image(path)
+
+
+@pytest.mark.skipif(not (SHARED_MVTEC / "bottle").is_dir(), reason="../shared MVTec bottle absent")
+def test_read_image_of_real_mvtec_pngs_equals_pillow() -> None:
+    for path in sorted((SHARED_MVTEC / "bottle" / "test").rglob("*.png"))[::20]:
+        with Image.open(path) as expected:
+            assert np.array_equal(np.asarray(read_image(path)), np.asarray(expected)), path
 
 
 def test_random_init_is_bitwise_deterministic() -> None:
@@ -297,8 +354,8 @@ def test_sigkill_then_rerun_resumes_without_recomputing_finished_shards(
 def test_features_equal_a_direct_forward_pass_bitwise(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Decoding in worker processes, the decoded cache (cold, warm, torn, off), batching and
-    the writer thread change no bit of a feature."""
+    """Decoding in worker processes (libspng), the decoded cache (cold, warm, torn, off),
+    batching, concurrent forward streams and the writer thread change no bit of a feature."""
     layers, representations = ["layer1", "layer4"], ["flatten", "grid:2"]
     section = {
         **FAST,
@@ -346,6 +403,10 @@ def test_features_equal_a_direct_forward_pass_bitwise(
     assert np.load(torn).shape == (3, 224, 224)
     no_cache = dataclasses.replace(unit, decoded_cache=False, out=str(tmp_path / "no-cache"))
     check(extract.extract_unit(no_cache))
+    one_stream = dataclasses.replace(
+        unit, forward_streams=1, torch_threads=2, out=str(tmp_path / "one-stream")
+    )
+    check(extract.extract_unit(one_stream))  # one forward pass of 2 threads at a time
     assert not (tmp_path / "no-cache" / extract.DECODED_DIR).exists()
 
 
