@@ -192,7 +192,7 @@ def main() -> None:
     )
     foreign: list[float] = []
     per_image: dict[str, tuple[float, float]] = {}
-    rates: dict[str, tuple[float, float, float]] = {}  # cold, warm, faster bare forward
+    speeds: dict[str, tuple[float, float, float]] = {}  # cold, warm, faster bare forward
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         index = bottle_index(root, args.images)
@@ -251,7 +251,7 @@ def main() -> None:
             f32 = sum(read_manifest(f)["bytes"] for f in folders) / len(paths)
             f16 = float16_bytes(folders, root) / len(paths)
             per_image[backbone] = (f32, f16)
-            rates[backbone] = (cold, warm, forward)
+            speeds[backbone] = (cold, warm, forward)
             print(f"{backbone:<20}{cold:>11.1f}{warm:>11.1f}{fwd_one:>10.1f}{fwd_many:>10.1f}"
                   f"{cold / forward:>6.2f}{warm / forward:>6.2f}{study:>7.2f}"
                   f"{f32 / 1e6:>12.2f}{f16 / 1e6:>12.2f}")  # fmt: skip
@@ -277,10 +277,10 @@ def main() -> None:
     # for 232; the other 6 units read the decoded cache.
     cold_units = {"resnet18": 1, "resnet50": 1}
     stage = sum(
-        cold_units.get(b, 0) / rates[b][0] + (2 - cold_units.get(b, 0)) / rates[b][1]
+        cold_units.get(b, 0) / speeds[b][0] + (2 - cold_units.get(b, 0)) / speeds[b][1]
         for b in STUDY_BACKBONES
     )
-    bare = sum(2 / rates[b][2] for b in STUDY_BACKBONES)
+    bare = sum(2 / speeds[b][2] for b in STUDY_BACKBONES)
     print(
         f"study grid extraction ({images} images x 8 units) on this machine: stage "
         f"{images * stage / 3600:.1f} h, bare forward {images * bare / 3600:.1f} h: "
