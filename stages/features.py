@@ -121,8 +121,9 @@ def load_feature_set(
     dim = int(manifest.get("dim") or 0) if with_features else 0
     table = pa.concat_tables(iter_shard_tables(folder, columns=list(META_COLUMNS)))
     meta = {c: table.column(c).to_numpy(zero_copy_only=False) for c in META_COLUMNS}
+    mismatch = f"{folder}: shards do not match {MANIFEST} (rerun the extract stage)"
     if table.num_rows != n_rows:
-        raise UserError(f"{folder}: shards do not match {MANIFEST} (rerun the extract stage)")
+        raise UserError(mismatch)
     position = None  # stored row -> row in memory, where they differ
     if train_first:
         order = np.argsort(meta["split"].astype(str) != "train", kind="stable")
@@ -135,9 +136,7 @@ def load_feature_set(
         for shard in iter_shard_tables(folder, columns=["feature"]):
             block = feature_matrix(shard, dtype)
             if block.shape[1] != dim or start + len(block) > n_rows:
-                raise UserError(
-                    f"{folder}: shards do not match {MANIFEST} (rerun the extract stage)"
-                )
+                raise UserError(mismatch)
             if position is None:
                 X[start : start + len(block)] = block
             else:
