@@ -231,6 +231,12 @@ def test_shards_manifest_and_feature_sets_list(
     assert entry["content_hash"] == manifest["content_hash"]
     assert (entry["n_rows"], entry["dim"]) == (22, 96)
 
+    tampered = tmp_path / "tampered"  # a manifest that does not describe its shards
+    shutil.copytree(folder, tampered)
+    (tampered / "manifest.json").write_text(json.dumps({**manifest, "n_rows": 23}))
+    with pytest.raises(UserError, match=r"shards do not match manifest\.json"):
+        load_feature_set(tampered)
+
 
 def test_changed_image_invalidates_exactly_its_shards(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
