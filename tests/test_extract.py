@@ -130,6 +130,7 @@ def test_read_image_of_a_broken_png_fails_as_pillow_does(tmp_path: Path) -> None
         read_image(path)
 
 
+@pytest.mark.real_data
 @pytest.mark.skipif(not (SHARED_MVTEC / "bottle").is_dir(), reason="../shared MVTec bottle absent")
 def test_read_image_of_real_mvtec_pngs_equals_pillow() -> None:
     for path in sorted((SHARED_MVTEC / "bottle" / "test").rglob("*.png"))[::20]:
