@@ -25,24 +25,23 @@ Params (section ``evaluate``; the feature sets come from ``<extract.out>/feature
 - ``scratch`` (``cache/evaluate``): timeout notes and fault reports; must be on a filesystem
   shared with the workers, like the feature shards.
 - ``seeds`` ([0]); ``timeout_s`` (600, null = none): per experiment, fit + score.
-- ``shared`` (true): compute the configs of a unit from shared quantities
-  (``stages.shared``): one float64 Gram over all the unit's rows, streamed from the shards,
-  serves OneClassSVM, LocalOutlierFactor, KernelDensity and EllipticEnvelope (after PCA) of
-  both augmentation choices; IsolationForest fits one forest per (augmented, seed) and
-  scores its tree prefixes. Each (augmented, seed, family) group is one call that scores
-  the test rows and, in-sample, the training rows (the honest threshold). A config the
-  shared code does not cover (``shared_config`` returns None: test-only families,
-  KernelDensity with another metric, LocalOutlierFactor other than euclidean) runs per
-  config, logged once per run. Scores equal scikit-learn's (AUROC to 1e-6), except
-  KernelDensity, which is the exact float64 log-sum-exp. Timing: ``fit_s`` is then the
-  experiment's amortised share of everything it needed: the Gram's seconds (streaming
-  included) split evenly over the unit's Gram-based experiments, plus its group call's
-  seconds split evenly over the group's configs; ``score_s`` is 0 (fit and score are one
-  computation). Deadlines: the Gram gets ``timeout_s`` x its experiments and a group call
-  ``timeout_s`` x its configs; past them the unit is split down to one experiment, whose
-  whole computation (Gram included) gets ``timeout_s``. false: one scikit-learn
-  estimator per config on the raw features (the reference; ``fit_s``/``score_s`` as
-  measured).
+- ``shared`` (true): each (augmented, seed, family) group is one call of its family's
+  shared path (``stages.methods``) on the unit's shared quantities (``UnitData``): one
+  float64 Gram over all the unit's rows (streamed from the shards unless a family needs
+  the raw rows), and per training set the query distances, one sorted kNN table and one
+  PCA basis, each computed once for every family that asks. One call scores the test rows
+  and, in-sample, the training rows (the honest threshold). A config without a shared path
+  (``Family.shares`` false: the test-only families, a kernel density or LOF with a
+  non-euclidean metric) runs per config, logged once per run. Scores agree with the plain
+  estimators (a test per family), except where a family's module says its shared path is
+  more exact than scikit-learn (the kernel density's float64 log-sum-exp). Timing: ``fit_s`` is the experiment's amortised share of
+  everything it needed: its group call's seconds split evenly over the group's configs,
+  plus each shared quantity it used split evenly over the experiments that used it;
+  ``score_s`` is 0 (fit and score are one computation). Deadlines: a group call gets
+  ``timeout_s`` x the unit's experiments still to run (it may compute the shared
+  quantities of all of them); past it the unit is split down to one experiment, whose
+  whole computation gets ``timeout_s``. false: one scikit-learn estimator per config on
+  the raw features (the reference; ``fit_s``/``score_s`` as measured).
 - ``threshold_quantile`` (0.99): the honest threshold is this quantile of the training
   images' scores, so about ``1 - q`` of the good training images score above it. Training
   scores are in-sample (a KDE or LOF sees the point itself), so unseen good images exceed
@@ -51,8 +50,8 @@ Params (section ``evaluate``; the feature sets come from ``<extract.out>/feature
 - ``allow_test_detectors`` (false): enables the test-only ``crash`` and ``hang`` families.
 - ``augmentation`` (``auto``): ``auto`` = augmented true and false where the category has
   transforms, false only elsewhere; ``both`` = both everywhere (the study); ``off``.
-- ``detectors``: list of ``{family, grid: {name: [values]}, fixed: {name: value}}``; default
-  the study's 71 configs (``stages.detectors.STUDY_DETECTORS``).
+- ``detectors``: list of ``{family, grid: {name: [values]}, fixed: {name: value}}`` (the
+  families: ``stages.methods.FAMILIES``; the study's 71 configs: params/study.yaml).
 - ``engine``: ``{address: null, n_workers: 2, threads_per_worker: 1, memory_limit: auto,
   allowed_failures: 0}``; ``address`` connects to a running Dask scheduler instead of
   starting a LocalCluster (workers need this repository importable and the same paths).
@@ -86,16 +85,6 @@ from pydantic import Field, ValidationError, field_validator
 from sklearn.metrics import average_precision_score, roc_auc_score
 from tqdm import tqdm
 
-from stages.detectors import (
-    FAMILIES,
-    STUDY_DETECTORS,
-    DetectorConfig,
-    DetectorSpec,
-    Outcome,
-    error_text,
-    expand_detectors,
-    ranking_scores,
-)
 from stages.engine import EngineParams, dask_client, deadline, run_units
 from stages.errors import UserError, run_cli, setup_logging
 from stages.features import (
@@ -104,7 +93,17 @@ from stages.features import (
     load_feature_set,
 )
 from stages.io import remove_stale_temps, stable_hash, write_json_atomic
-from stages.metrics import threshold_metrics
+from stages.methods import (
+    FAMILIES,
+    DetectorConfig,
+    DetectorSpec,
+    Needs,
+    Outcome,
+    UnitData,
+    error_text,
+    expand_detectors,
+)
+from stages.metrics import ranking_scores, threshold_metrics
 from stages.params import Section, load_params, load_section, stage_args
 from stages.results_db import (
     FINAL_NOT_DONE,
@@ -115,9 +114,6 @@ from stages.results_db import (
     threshold_quantiles,
     upsert,
 )
-from stages.shared import FAMILIES as SHARED_FAMILIES
-from stages.shared import Config as SharedConfig
-from stages.shared import Gram, gram_blockwise, iforest_scores, shared_scores
 
 RETRY_ENV = "OOD_RETRY_FAILED"
 FEATURE_SETS_FILE = "feature_sets.json"
@@ -139,10 +135,9 @@ class EvaluateParams(Section):
     # auto: augmented=true only where augment.transforms[category] is non-empty;
     # both: augmented true and false for every category (the study's 68,160); off: false only.
     augmentation: Literal["auto", "both", "off"] = "auto"
-    shared: bool = True  # stages.shared computation; false = one estimator per config
-    detectors: Annotated[list[DetectorSpec], Field(min_length=1)] = Field(
-        default_factory=lambda: [DetectorSpec.model_validate(d) for d in STUDY_DETECTORS]
-    )
+    shared: bool = True  # families' shared paths (stages.methods); false = one estimator per config
+    # The grid: data only (params.yaml; the study's 71 configs in params/study.yaml).
+    detectors: Annotated[list[DetectorSpec], Field(min_length=1)]
     engine: EngineParams = EngineParams()
 
     @field_validator("seeds")
@@ -335,7 +330,7 @@ def _per_config_rows(
         meta = {"n_train": len(X_train), "n_test": len(X_test), "dim": fs.X.shape[1]}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. LOF's n_neighbors > n_samples notice
-            outcomes = FAMILIES[family].score_grid(
+            outcomes = FAMILIES[family].reference(
                 X_train, X_test, [e.detector for e in group], seed
             )
             for exp in group:
@@ -354,167 +349,65 @@ def _finish(unit: Unit, exp: Planned, outcome: Outcome, y: np.ndarray, meta: dic
 # --- shared computation ----------------------------------------------------------------------
 
 
-def shared_config(detector: DetectorConfig) -> SharedConfig | None:
-    """The ``stages.shared`` config giving ``detector``'s scores, or None (run per config).
-
-    Covered: every OneClassSVM, IsolationForest and EllipticEnvelope config; KernelDensity
-    with the euclidean metric; LocalOutlierFactor with euclidean distances (``minkowski``
-    with ``p=2``, or ``euclidean``). Everything else, e.g. the test-only families, is None.
-    """
-    family = FAMILIES.get(detector.family)
-    if family is None or detector.family not in SHARED_FAMILIES:
-        return None
-    p = family.hyper.model_validate(detector.kwargs).model_dump()
-    name = detector.family
-    if name == "KernelDensity":
-        if p["metric"] != "euclidean":
-            return None
-        return SharedConfig.of(name, bandwidth=p["bandwidth"], kernel=p["kernel"])
-    if name == "LocalOutlierFactor":
-        if not (p["metric"] == "euclidean" or (p["metric"] == "minkowski" and p["p"] == 2)):
-            return None
-        return SharedConfig.of(name, n_neighbors=p["n_neighbors"])
-    if name == "EllipticEnvelope":
-        extra = {} if p["support_fraction"] is None else {"support_fraction": p["support_fraction"]}
-        return SharedConfig.of(name, pca_components=p["pca_components"], **extra)
-    return SharedConfig.of(name, **p)  # OneClassSVM (max_iter explicit), IsolationForest
-
-
-def _nonfinite_error(n_bad: int) -> str:
-    return (f"ValueError: Input contains NaN or infinity: {n_bad} of the train/test rows "
-            "have non-finite features (shared computation)")  # fmt: skip
-
-
-def shared_outcomes(
-    gram: Gram | None,
-    train: np.ndarray,
-    test: np.ndarray,
-    detectors: Sequence[DetectorConfig],
-    seed: int,
-    *,
-    raw: np.ndarray | None = None,
-    finite: np.ndarray | None = None,
-    n_jobs: int = 1,
-) -> list[Outcome]:
-    """One ``Outcome`` per detector of one family from the unit's shared quantities.
-
-    ``train``/``test`` are integer row indices of ``gram`` (and of ``raw``, the feature rows,
-    needed for IsolationForest, which does not use the Gram). One call scores the test rows
-    followed by the training rows, so each outcome carries the in-sample ``train_scores``
-    that ``score_samples(X_train)`` of the fitted estimator gives (a LOF or KDE training
-    point is its own neighbour at distance 0, as in scikit-learn). ``finite``: per-row flag;
-    a Gram-based group with a non-finite row fails like scikit-learn does. Each outcome's ``fit_s`` is
-    the call's seconds split evenly over the detectors, ``score_s`` 0.
-    """
-    t0 = time.perf_counter()
-    configs = [shared_config(d) for d in detectors]
-    if any(c is None for c in configs):
-        raise ValueError("shared_outcomes got a config stages.shared does not cover")
-    queries = np.concatenate([test, train])
-    n_test = len(test)
-    errors: dict[SharedConfig, str] = {}
-    scores: dict[SharedConfig, np.ndarray] = {}
-    is_forest = bool(detectors) and detectors[0].family == "IsolationForest"
-    # scikit-learn's IsolationForest accepts NaN (its trees route missing values): no check
-    n_bad = 0 if finite is None or is_forest else int((~finite[queries]).sum())
-    if n_bad:
-        errors = dict.fromkeys(configs, _nonfinite_error(n_bad))
-    elif is_forest:
-        assert raw is not None, "IsolationForest needs the raw feature rows"
-        scores = _iforest_group(raw, train, queries, configs, seed, errors)
-    else:
-        assert gram is not None, "the Gram-based families need the unit's Gram"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            scores = shared_scores(gram, train, queries, configs, seed=seed, raw=raw,
-                                   feature_dtype=np.float32, n_jobs=n_jobs, errors=errors)  # fmt: skip
-    share = (time.perf_counter() - t0) / max(len(configs), 1)
-    outcomes = []
-    for config in configs:
-        if config in errors:
-            outcomes.append(Outcome(None, share, 0.0, errors[config]))
-        else:
-            s = np.asarray(scores[config], dtype=np.float64)
-            outcomes.append(Outcome(s[:n_test], share, 0.0, train_scores=s[n_test:]))
-    return outcomes
-
-
-def _iforest_group(raw: np.ndarray, train: np.ndarray, queries: np.ndarray,
-                   configs: Sequence[SharedConfig], seed: int,
-                   errors: dict[SharedConfig, str]) -> dict[SharedConfig, np.ndarray]:  # fmt: skip
-    """IsolationForest configs: one forest per set of non-size params, scored by prefixes."""
-    forests: dict[tuple, list[SharedConfig]] = {}
-    for config in configs:
-        forests.setdefault(tuple(kv for kv in config.params if kv[0] != "n_estimators"),
-                           []).append(config)  # fmt: skip
-    out: dict[SharedConfig, np.ndarray] = {}
-    for params, group in forests.items():
-        sizes = [int(c.get("n_estimators", 100)) for c in group]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                by_size = iforest_scores(raw, raw, sizes, seed, train_rows=train,
-                                         test_rows=queries, **dict(params))  # fmt: skip
-        except Exception as exc:  # e.g. max_features > dim: fails at fit, as in sklearn
-            errors.update(dict.fromkeys(group, error_text(exc)))
-            continue
-        out.update({c: by_size[n] for c, n in zip(group, sizes, strict=True)})
-    return out
+def _shares(detector: DetectorConfig) -> bool:
+    return FAMILIES[detector.family].shares(detector)
 
 
 def _shared_rows(
     unit: Unit, experiments: Sequence[Planned], fallback: Sequence[Planned]
 ) -> list[ExperimentRow]:
-    """The shared path for ``experiments``; ``fallback`` run per config on the same rows."""
+    """The shared path for ``experiments``; ``fallback`` run per config on the same rows.
+
+    Each (augmented, seed, family) group is one call of its family on the unit's
+    :class:`UnitData`, after every group has declared what it needs. The raw rows are
+    loaded train first (both training sets contiguous: a forest fits on a view; a
+    copy of resnet50 layer1 flatten's 1,254 training rows alone is 4 GB) only when a family
+    asks for them; otherwise the Gram streams from the shards.
+    """
     features = unit.features
-    needs_raw = bool(fallback) or any(e.detector.family == "IsolationForest" for e in experiments)
-    # train_first: both training sets are contiguous rows, so IsolationForest fits on a view
-    # (a copy of resnet50 layer1 flatten's 1,254 training rows alone is 4 GB)
-    fs = (
-        load_feature_set(features.folder, train_first=True)
-        if needs_raw
-        else load_feature_set(features.folder, with_features=False)
-    )
+    groups = [(key, list(group)) for key, group in groupby(experiments, key=_group_by)]
+    needs = Needs(raw=bool(fallback))
+    for (_, _, family), group in groups:
+        FAMILIES[family].reserve(needs, [e.detector for e in group])
+    fs = load_feature_set(features.folder, train_first=needs.raw, with_features=needs.raw)
     _check_hash(features, fs.manifest)
     test_mask, y, per_image = _per_image(fs)
-    test = np.flatnonzero(test_mask)
+    train = {a: np.flatnonzero(fs.rows("train", a)) for a in (False, True)}
+    if needs.raw:
+        data = UnitData(np.flatnonzero(test_mask), train, needs, raw=fs.X)
+    else:
+        blocks = lambda: iter_shard_tables(features.folder, columns=["feature"])  # noqa: E731
+        data = UnitData(np.flatnonzero(test_mask), train, needs, blocks=blocks)
     notes = Path(unit.notes)
     atomic = len(unit.experiments) == 1
     group_note = notes / f"group-{uuid.uuid4().hex}.json"
-
-    def budget(n: int) -> float | None:  # a single-experiment unit has one outer deadline
-        return None if unit.timeout_s is None or atomic else unit.timeout_s * n
-
-    rows: list[ExperimentRow] = []
-    on_gram = [e for e in experiments if e.detector.family != "IsolationForest"]
+    done: list[tuple[list[Planned], list[Outcome], set[str]]] = []
     with contextlib.ExitStack() as stack:
-        if atomic:
+        if atomic:  # a single-experiment unit has one outer deadline
             stack.enter_context(deadline(unit.timeout_s, notes / f"{unit.experiments[0].key}.json"))
-        gram, gram_share = None, 0.0
-        finite = np.isfinite(fs.X).all(axis=1) if needs_raw else None
-        if on_gram:
-            t0 = time.perf_counter()
-            with deadline(budget(len(on_gram)), group_note):
-                if needs_raw:
-                    gram = gram_blockwise(fs.X)
-                else:
-                    gram = gram_blockwise(
-                        lambda: iter_shard_tables(features.folder, columns=["feature"])
-                    )
-            gram_share = (time.perf_counter() - t0) / len(on_gram)
-            finite = np.isfinite(np.diagonal(gram.K))  # a NaN/inf feature makes K_ii non-finite
-        dim = gram.n_features if gram is not None else fs.X.shape[1]
-        for (augmented, seed, family), group in groupby(experiments, key=_group_by):
-            group = list(group)
-            train = np.flatnonzero(fs.rows("train", augmented))
-            meta = {"n_train": len(train), "n_test": len(test), "dim": dim}
-            with deadline(budget(len(group)), group_note):
-                outcomes = shared_outcomes(gram, train, test, [e.detector for e in group], seed,
-                                           raw=fs.X if needs_raw else None, finite=finite)  # fmt: skip
-            for exp, outcome in zip(group, outcomes, strict=True):
-                if family != "IsolationForest":
-                    outcome.fit_s += gram_share
-                rows.append(_finish(unit, exp, outcome, y, meta, per_image))
+        remaining = len(experiments)
+        for (augmented, seed, family), group in groups:
+            # a group may compute the shared quantities of every later one: its deadline
+            # covers the experiments still to run in the unit
+            budget = None if unit.timeout_s is None or atomic else unit.timeout_s * remaining
+            with deadline(budget, group_note):
+                outcomes = FAMILIES[family].shared_outcomes(
+                    data, augmented, [e.detector for e in group], seed
+                )
+            done.append((group, outcomes, data.take_used()))
+            remaining -= len(group)
+    # each shared quantity's seconds, split evenly over the experiments that used it
+    users: Counter[str] = Counter()
+    for group, _, used in done:
+        users.update(dict.fromkeys(used, len(group)))
+    rows: list[ExperimentRow] = []
+    for group, outcomes, used in done:
+        share = sum(data.seconds.get(name, 0.0) / users[name] for name in used)
+        meta = {"n_train": len(train[group[0].augmented]), "n_test": len(data.test),
+                "dim": data.n_features}  # fmt: skip
+        for exp, outcome in zip(group, outcomes, strict=True):
+            outcome.fit_s += share
+            rows.append(_finish(unit, exp, outcome, y, meta, per_image))
     if fallback:
         rows += _per_config_rows(unit, fs, fallback)
     return rows
@@ -526,10 +419,10 @@ def evaluate_unit(unit: Unit) -> list[ExperimentRow]:
         fs = load_feature_set(unit.features.folder)
         _check_hash(unit.features, fs.manifest)
         return _per_config_rows(unit, fs, unit.experiments)
-    covered = [e for e in unit.experiments if shared_config(e.detector) is not None]
-    fallback = [e for e in unit.experiments if shared_config(e.detector) is None]
+    covered = [e for e in unit.experiments if _shares(e.detector)]
+    fallback = [e for e in unit.experiments if not _shares(e.detector)]
     if fallback:
-        log.info("%s: %d experiments not covered by stages.shared run per config (%s)",
+        log.info("%s: %d experiments without a shared path run per config (%s)",
                  unit.label(), len(fallback), ", ".join(sorted({e.detector.name for e in fallback})))  # fmt: skip
     return _shared_rows(unit, covered, fallback)
 
@@ -540,8 +433,10 @@ def evaluate_unit(unit: Unit) -> list[ExperimentRow]:
 def code_version() -> str:
     """Package version plus a hash of the evaluation code and scikit-learn's version."""
     digest = hashlib.sha256(sklearn.__version__.encode())
-    for name in ("detectors.py", "engine.py", "evaluate.py", "metrics.py", "shared.py"):
-        digest.update((Path(__file__).parent / name).read_bytes())
+    here = Path(__file__).parent
+    for path in (*(here / n for n in ("engine.py", "evaluate.py", "metrics.py", "mcd.py")),
+                 *sorted((here / "methods").glob("*.py"))):  # fmt: skip
+        digest.update(path.read_bytes())
     return f"0.1.0+{digest.hexdigest()[:12]}"
 
 
@@ -707,10 +602,10 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
         log.info("%d experiments in the grid (%d feature sets x %d detector configs x "
                  "%d seeds, augmentation %s); %d to run", len(keys), len(feature_sets),
                  len(detectors), len(params.seeds), params.augmentation, n_todo)  # fmt: skip
-        per_config = [d.name for d in detectors if shared_config(d) is None]
+        per_config = [d.name for d in detectors if not _shares(d)]
         if params.shared and per_config:
-            log.info("shared computation: %d of %d detector configs; per config (not covered "
-                     "by stages.shared): %s", len(detectors) - len(per_config), len(detectors),
+            log.info("shared computation: %d of %d detector configs; per config (no shared "
+                     "path): %s", len(detectors) - len(per_config), len(detectors),
                      ", ".join(per_config))  # fmt: skip
         elif not params.shared:
             log.info("evaluate.shared is false: one scikit-learn estimator per config")

@@ -1,7 +1,7 @@
 """Threshold metrics and honest (leave-one-category-out) config selection, as pure functions.
 
 Thresholds: an image is predicted anomalous iff its score is strictly greater than the
-threshold. Non-finite scores follow ``detectors.ranking_scores``: ``+inf`` is the most
+threshold. Non-finite scores follow :func:`ranking_scores`: ``+inf`` is the most
 anomalous, ``-inf`` and ``NaN`` (no information) the least, so they are never predicted
 anomalous. Two thresholds per experiment:
 
@@ -42,6 +42,22 @@ CONFIG_FIELDS = (
     "hyperparams",
     "seed",
 )
+
+
+def ranking_scores(scores: np.ndarray) -> np.ndarray:
+    """Scores with non-finite values placed explicitly, for AUROC/AP.
+
+    ``+inf`` (e.g. zero density under a compact KDE kernel) ranks above every finite score,
+    ``-inf`` below; ``NaN`` (no information) ranks with the least anomalous. Ties among
+    them stay ties. The study mapped all of them to 0; the counts are stored per experiment.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    finite = scores[np.isfinite(scores)]
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    out = scores.copy()
+    out[np.isposinf(scores)] = hi + 1.0
+    out[np.isneginf(scores) | np.isnan(scores)] = lo - 1.0
+    return out
 
 
 def predict(scores: np.ndarray, threshold: float) -> np.ndarray:

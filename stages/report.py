@@ -52,11 +52,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from stages.dataset import stats_markdown
-from stages.detectors import FAMILIES, expand_detectors, ranking_scores
 from stages.errors import UserError, run_cli, setup_logging
 from stages.evaluate import FEATURE_SETS_FILE, EvaluateParams, plan, read_feature_sets
 from stages.io import atomic_path, remove_stale_temps, write_json_atomic, write_text_atomic
-from stages.metrics import LocoChoice, config_id, describe_config, loco_selection
+from stages.methods import FAMILIES, expand_detectors
+from stages.metrics import LocoChoice, config_id, describe_config, loco_selection, ranking_scores
 from stages.params import Section, load_params, load_section, stage_args
 from stages.results_db import STATUSES, Experiment, Image, Score, open_db
 
@@ -64,7 +64,7 @@ log = logging.getLogger("stages.report")
 
 DEFAULT_DB_URL = "sqlite:///results/results.sqlite"
 NEEDS_TWO = "n/a (needs >= 2 categories)"
-# Families whose result depends on the seed (``random_state``): IsolationForest, EllipticEnvelope.
+# Families whose result depends on the seed (``random_state``).
 STOCHASTIC = tuple(name for name, family in FAMILIES.items() if family.seeded)
 SEEDS_HINT = "`evaluate.seeds: [0, 1, 2, 3, 4]`"
 

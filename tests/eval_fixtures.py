@@ -18,6 +18,20 @@ import yaml
 from stages.features import MANIFEST, feature_set_dir, shard_schema
 from stages.io import sha256_file, sha256_text
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def grid_of(params_file: str) -> list[dict[str, Any]]:
+    """``evaluate.detectors`` of one of the repository's params files: the grids are data,
+    and tests read them from where the pipeline does (``params/study.yaml``: the study's 71)."""
+    raw = yaml.safe_load((REPO / params_file).read_text(encoding="utf-8"))
+    return raw["evaluate"]["detectors"]
+
+
+def study_detectors() -> list[dict[str, Any]]:
+    """The study's Table 3 (71 configs), from params/study.yaml."""
+    return grid_of("params/study.yaml")
+
 
 def write_feature_set(
     folder: Path,
@@ -84,7 +98,8 @@ def make_workspace(
     n_train: int = 30,
     n_test: int = 20,
 ) -> Path:
-    """Feature sets for every category x extractor, ``feature_sets.json`` and a params file.
+    """Feature sets for every category x extractor, ``feature_sets.json`` and a params file
+    (``evaluate.detectors``: the study's 71 configs unless ``evaluate`` says otherwise).
 
     All paths in the params file are absolute, so any working directory works.
     """
@@ -110,9 +125,31 @@ def make_workspace(
             "summary": str(root / "results" / "evaluate_summary.json"),
             "scratch": str(root / "scratch"),
             "engine": {"n_workers": 2, "threads_per_worker": 1, "memory_limit": "2GiB"},
+            "detectors": study_detectors(),
             **evaluate,
         },
     }
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return path
+
+
+def tie_safe_auroc(y: np.ndarray, scores: np.ndarray, rtol: float = 1e-9) -> float:
+    """AUROC where scores equal within ``rtol`` (relative) are ties, counted half.
+
+    Two float computations of the same scores that differ in summation order (a shared
+    path and scikit-learn) agree to a few ulps, but exact ties (every test image with the
+    same neighbourhood when k >= n_train) then break by rounding noise, which depends on
+    the CPU's BLAS kernel. Chains of near-equal sorted scores collapse to one value.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from stages.metrics import ranking_scores
+
+    s = ranking_scores(scores)
+    order = np.argsort(s, kind="stable")
+    sorted_s = s[order]
+    gaps = np.diff(sorted_s) > rtol * np.maximum(np.abs(sorted_s[1:]), np.abs(sorted_s[:-1]))
+    groups = np.empty(len(s))
+    groups[order] = np.concatenate([[0], np.cumsum(gaps)])
+    return float(roc_auc_score(y, groups))

@@ -23,15 +23,16 @@ from sklearn.neighbors import KernelDensity, LocalOutlierFactor
 from sklearn.pipeline import make_pipeline
 from sklearn.svm import OneClassSVM
 
-from stages.detectors import STUDY_DETECTORS, expand_detectors, ranking_scores
 from stages.engine import EngineParams, dask_client
 from stages.errors import UserError
 from stages.evaluate import FeatureSetEntry, evaluate, plan
 from stages.features import load_feature_set
+from stages.methods import expand_detectors
+from stages.metrics import ranking_scores
 from stages.params import load_params
 from stages.results_db import ExperimentRow, experiments, open_db, score_row_count, scores_of
 from stages.results_db import upsert as db_upsert
-from tests.eval_fixtures import make_workspace
+from tests.eval_fixtures import make_workspace, study_detectors
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRACTOR = ("resnet18", "imagenet", "layer2", "flatten")
@@ -51,8 +52,8 @@ def _db(params: Path):
 # --- grid ------------------------------------------------------------------------------------
 
 
-def test_default_grid_is_the_studys_71_configs():
-    configs = expand_detectors(STUDY_DETECTORS)
+def test_study_grid_is_the_studys_71_configs():
+    configs = expand_detectors(study_detectors())
     by_family = {f: sum(c.family == f for c in configs) for f in {c.family for c in configs}}
     assert len(configs) == len(set(configs)) == 71
     assert by_family == {"OneClassSVM": 10, "IsolationForest": 19, "KernelDensity": 24,
@@ -81,7 +82,7 @@ def test_study_preset_expands_to_68160_experiments():
 
 
 def test_more_seeds_repeat_only_the_stochastic_families():
-    configs = expand_detectors(STUDY_DETECTORS)
+    configs = expand_detectors(study_detectors())
     fs = FeatureSetEntry(category="disc", backbone="resnet18", init="random", layer="layer4",
                          representation="avg", folder="-", content_hash="-")  # fmt: skip
     [(_, experiments)] = plan([fs], {"disc": []}, configs, [3, 1, 2])
@@ -148,7 +149,7 @@ def test_stored_auroc_equals_plain_sklearn_for_all_71_configs(tmp_path, client):
     with ThreadPoolExecutor(1) as pool:  # the stage runs on a worker while we compute here
         stage = pool.submit(evaluate, params, client)
         expected_scores = {}
-        for config in expand_detectors(STUDY_DETECTORS):
+        for config in expand_detectors(study_detectors()):
             model = _plain_sklearn(config.family, config.kwargs, 3, *X_train.shape)
             expected_scores[config.name] = -model.fit(X_train).score_samples(X_test)
         summary = stage.result()

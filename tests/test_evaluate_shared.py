@@ -1,7 +1,8 @@
 """Evaluate stage with ``evaluate.shared: true``: parity with plain scikit-learn per config.
 
 ``evaluate_unit`` runs here in-process (no Dask, no deadline) on one small feature set with
-both augmentation choices and the study's 71 configs.
+both augmentation choices and the demo's grid: the study's 71 configs and the course
+baselines (every registered family but the test-only ones).
 """
 
 from __future__ import annotations
@@ -16,28 +17,16 @@ import pytest
 from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 
-from stages.detectors import (
-    FAMILIES,
-    STUDY_DETECTORS,
-    DetectorConfig,
-    expand_detectors,
-    ranking_scores,
-)
-from stages.evaluate import (
-    FeatureSetEntry,
-    Unit,
-    evaluate_unit,
-    plan,
-    shared_config,
-    shared_outcomes,
-)
+from stages.evaluate import FeatureSetEntry, Unit, evaluate_unit, plan
 from stages.features import MANIFEST, load_feature_set
+from stages.methods import FAMILIES, DetectorConfig, Needs, UnitData, expand_detectors
+from stages.metrics import ranking_scores
 from stages.results_db import ExperimentRow
-from stages.shared import gram_blockwise
-from tests.eval_fixtures import write_feature_set
+from tests.eval_fixtures import grid_of, write_feature_set
 
 SEED = 3
-TOLERANT = ("LocalOutlierFactor", "EllipticEnvelope", "IsolationForest", "OneClassSVM")
+DEMO = expand_detectors(grid_of("params.yaml"))
+TOLERANT = tuple(sorted({c.family for c in DEMO} - {"KernelDensity"}))
 FALLBACK = DetectorConfig("KernelDensity", (("bandwidth", 1.0), ("metric", "manhattan")))
 
 
@@ -85,7 +74,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("shared")
     folder = root / "features"
     write_feature_set(folder, n_train=40, n_test=24, dim=12, transforms=["rot90"], seed=7)
-    detectors = [*expand_detectors(STUDY_DETECTORS), FALLBACK]
+    detectors = [*DEMO, FALLBACK]
     shared = evaluate_unit(_unit(folder, root, detectors, shared=True))
     per_config = evaluate_unit(_unit(folder, root, detectors, shared=False))
     return folder, _unit(folder, root, detectors, True), shared, per_config
@@ -95,14 +84,14 @@ def _by_key(rows: list[ExperimentRow]) -> dict[str, ExperimentRow]:
     return {r.key: r for r in rows}
 
 
-def test_all_71_configs_match_plain_sklearn_within_the_issue_tolerances(workspace):
+def test_every_config_matches_plain_sklearn_within_the_issue_tolerances(workspace):
     """AUROC and the honest threshold (from the in-sample training scores) vs per config."""
     folder, unit, shared, per_config = workspace
     fs = load_feature_set(folder)
     test = fs.rows("test")
     X_test, y = fs.X[test], fs.is_anomaly[test]
     shared, plain = _by_key(shared), _by_key(per_config)  # per config = scikit-learn's
-    assert len(shared) == 2 * 72
+    assert len(shared) == 2 * (len(DEMO) + 1) and len(DEMO) > 71
     d_auroc: dict[str, list[float]] = {f: [] for f in TOLERANT}
     d_threshold: dict[str, list[float]] = {f: [] for f in TOLERANT}
     for exp in unit.experiments:
@@ -139,12 +128,16 @@ def test_shared_train_scores_are_sklearns_in_sample_scores(workspace):
     """
     folder, unit, _, _ = workspace
     fs = load_feature_set(folder)
-    gram = gram_blockwise(fs.X)
     test = np.flatnonzero(fs.rows("test"))
+    train = {a: np.flatnonzero(fs.rows("train", a)) for a in (False, True)}
+    needs = Needs()
+    for family in {e.detector.family for e in unit.experiments}:
+        FAMILIES[family].reserve(needs, [e.detector for e in unit.experiments
+                                         if e.detector.family == family])  # fmt: skip
+    data = UnitData(test, train, needs, raw=fs.X)
     deviations: dict[str, list[float]] = {f: [] for f in TOLERANT}
     for augmented in (False, True):
-        train = np.flatnonzero(fs.rows("train", augmented))
-        X_train = fs.X[train]
+        X_train = fs.X[train[augmented]]
         for family in FAMILIES:
             configs = [e.detector for e in unit.experiments if e.augmented == augmented
                        and e.detector.family == family and e.detector != FALLBACK]  # fmt: skip
@@ -152,14 +145,15 @@ def test_shared_train_scores_are_sklearns_in_sample_scores(workspace):
                 configs = [c for c in configs if c.kwargs["n_estimators"] in (10, 30, 200)]
             if not configs:
                 continue
-            outcomes = shared_outcomes(gram, train, test, configs, SEED, raw=fs.X)
+            outcomes = FAMILIES[family].shared_outcomes(data, augmented, configs, SEED)
             for config, outcome in zip(configs, outcomes, strict=True):
-                assert outcome.error is None and len(outcome.train_scores) == len(train)
+                assert outcome.error is None and len(outcome.train_scores) == len(X_train)
                 if family == "KernelDensity":
                     brute = _kde_brute(X_train, X_train, config.kwargs)
                     _assert_equal_up_to_constant(outcome.train_scores, brute)
                     continue
-                want = FAMILIES[family].score_one(X_train, X_train[:1], config, SEED).train_scores
+                want = FAMILIES[family].reference_one(X_train, X_train[:1], config, SEED)
+                want = want.train_scores
                 spread = np.ptp(want) + 1e-300
                 deviations[family].append(np.max(np.abs(outcome.train_scores - want)) / spread)
     for family, dev in deviations.items():
@@ -182,16 +176,19 @@ def test_shared_and_per_config_runs_give_the_same_rows(workspace):
         assert a.fit_s > 0 and a.score_s is not None
 
 
-def test_config_mapping_is_explicit():
-    study = expand_detectors(STUDY_DETECTORS)
-    assert all(shared_config(c) is not None for c in study)
-    assert shared_config(FALLBACK) is None
+def shares(config: DetectorConfig) -> bool:
+    return FAMILIES[config.family].shares(config)
+
+
+def test_which_configs_have_a_shared_path_is_explicit():
+    assert all(shares(c) for c in DEMO)
+    assert not shares(FALLBACK)
     lof_l1 = DetectorConfig("LocalOutlierFactor", (("n_neighbors", 5), ("p", 1.0)))
-    assert shared_config(lof_l1) is None
+    assert not shares(lof_l1)
     hang = expand_detectors([{"family": "hang"}], allow_test_detectors=True)[0]
-    assert shared_config(hang) is None
-    # OneClassSVM's family default max_iter=-1 is passed on, not shared.py's study cap.
-    assert shared_config(DetectorConfig("OneClassSVM", ())).get("max_iter") == -1
+    assert not shares(hang)
+    # OneClassSVM's family default max_iter=-1 is what runs, not the study's cap.
+    assert FAMILIES["OneClassSVM"].hyperparams(DetectorConfig("OneClassSVM", ())).max_iter == -1
 
 
 def test_nonfinite_features_fail_like_sklearn(tmp_path):

@@ -1,4 +1,5 @@
-"""stages/shared.py against plain per-config scikit-learn on small random data."""
+"""The shared paths of the study's families (stages/methods) against plain per-config
+scikit-learn on small random data, and the shared quantities they are computed from."""
 
 from __future__ import annotations
 
@@ -10,22 +11,14 @@ import pytest
 from sklearn.covariance import EllipticEnvelope
 from sklearn.decomposition import PCA
 from sklearn.ensemble import IsolationForest
-from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KernelDensity, LocalOutlierFactor
 from sklearn.svm import OneClassSVM
 
-from stages.shared import (
-    KDE_KERNELS,
-    Config,
-    gram_blockwise,
-    iforest_scores,
-    kde_bandwidth,
-    kde_log_density,
-    kde_log_norm,
-    pca_from_gram,
-    shared_scores,
-    study_configs,
-)
+from stages.methods import FAMILIES, DetectorConfig, Needs, UnitData, expand_detectors
+from stages.methods.iforest import iforest_scores
+from stages.methods.kde import KDE_KERNELS, kde_bandwidth, kde_log_density, kde_log_norm
+from stages.methods.unit import gram_blockwise, pca_from_gram
+from tests.eval_fixtures import study_detectors, tie_safe_auroc
 
 N_ORIG, N_AUG, N_TEST, DIM = 30, 60, 20, 50
 
@@ -50,21 +43,51 @@ def unit() -> dict:
     }
 
 
-def sklearn_scores(config: Config, X_tr: np.ndarray, X_te: np.ndarray, seed: int) -> np.ndarray:
+def study_configs() -> list[DetectorConfig]:
+    return expand_detectors(study_detectors())
+
+
+def shared_scores(
+    X: np.ndarray, train: np.ndarray, test: np.ndarray, configs: list[DetectorConfig],
+    seed: int = 0, errors: dict | None = None,
+) -> dict[DetectorConfig, np.ndarray]:  # fmt: skip
+    """Test scores of every config through its family's shared path on one ``UnitData``
+    (families reserve first, as the evaluate stage does); errors go to ``errors``."""
+    families = sorted({c.family for c in configs})
+    needs = Needs()
+    for family in families:
+        FAMILIES[family].reserve(needs, [c for c in configs if c.family == family])
+    data = UnitData(test, {True: train}, needs, raw=X)
+    out: dict[DetectorConfig, np.ndarray] = {}
+    for family in families:
+        group = [c for c in configs if c.family == family]
+        for config, outcome in zip(group, FAMILIES[family].shared_outcomes(data, True, group, seed),
+                                   strict=True):  # fmt: skip
+            if outcome.error is None:
+                out[config] = outcome.scores
+            elif errors is not None:
+                errors[config] = outcome.error
+    return out
+
+
+def sklearn_scores(
+    config: DetectorConfig, X_tr: np.ndarray, X_te: np.ndarray, seed: int
+) -> np.ndarray:
     """The study's way: one plain estimator per config on the raw features."""
     p = dict(config.params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if config.family == "OneClassSVM":
-            return -OneClassSVM(gamma="scale", max_iter=1000, **p).fit(X_tr).score_samples(X_te)
+            model = OneClassSVM(**{"gamma": "scale", "max_iter": 1000, **p})
+            return -model.fit(X_tr).score_samples(X_te)
         if config.family == "LocalOutlierFactor":
-            return -LocalOutlierFactor(novelty=True, **p).fit(X_tr).score_samples(X_te)
+            return -LocalOutlierFactor(**{"novelty": True, **p}).fit(X_tr).score_samples(X_te)
         if config.family == "KernelDensity":
             return -KernelDensity(**p).fit(X_tr).score_samples(X_te)
         if config.family == "IsolationForest":
             forest = IsolationForest(random_state=seed, **p).fit(X_tr)
             return -forest.score_samples(X_te)
-        k = min(p["n_components"], *X_tr.shape)
+        k = min(p["pca_components"], *X_tr.shape)
         pca = PCA(n_components=k, svd_solver="full", random_state=seed).fit(X_tr)
         ee = EllipticEnvelope(random_state=seed).fit(pca.transform(X_tr))
         return -ee.score_samples(pca.transform(X_te))
@@ -117,10 +140,10 @@ def test_equivalence_with_plain_sklearn(unit: dict, augmented: bool) -> None:
     configs = [
         c
         for c in study_configs()
-        if c.family != "IsolationForest" or c.get("n_estimators") in (10, 50, 300)
+        if c.family != "IsolationForest" or c.kwargs["n_estimators"] in (10, 50, 300)
     ]
     errors: dict = {}
-    ours = shared_scores(gram, train, test, configs, seed=3, raw=X, errors=errors)
+    ours = shared_scores(X, train, test, configs, seed=3, errors=errors)
     assert not errors
     assert gram.var(train) == pytest.approx(X[train].var(), rel=1e-12)
     off: dict[str, list[float]] = {}
@@ -132,7 +155,8 @@ def test_equivalence_with_plain_sklearn(unit: dict, augmented: bool) -> None:
             continue  # tree-based KDE is approximate here; checked exactly below
         if config.family in ("LocalOutlierFactor", "IsolationForest", "EllipticEnvelope"):
             np.testing.assert_allclose(mine, theirs, rtol=1e-7, err_msg=str(config))
-        auc_gap = abs(roc_auc_score(labels, mine) - roc_auc_score(labels, theirs))
+        # scores equal to rtol 1e-7 above: ties within 1e-9 (a few ulps) count as ties
+        auc_gap = abs(tie_safe_auroc(labels, mine) - tie_safe_auroc(labels, theirs))
         off.setdefault(config.family, []).append(auc_gap)
     # exact families: AUROC equal to 1e-9
     for family in ("LocalOutlierFactor", "IsolationForest", "EllipticEnvelope"):
@@ -268,23 +292,24 @@ def test_pca_from_gram_matches_sklearn_up_to_sign(unit: dict) -> None:
     np.testing.assert_allclose(z_te * signs, ref_te, atol=1e-9)
 
 
-def test_non_finite_features_give_nan_scores_not_crashes(unit: dict) -> None:
+def test_non_finite_features_fail_the_gram_families_like_sklearn(unit: dict) -> None:
+    """A NaN in one training row: every Gram-based config of that training set fails with
+    scikit-learn's complaint; IsolationForest's trees route NaN; the other set is clean."""
     X = unit["X"].copy()
-    X[N_ORIG + 3, 4] = np.nan
-    gram = gram_blockwise(X)
+    X[N_ORIG + 3, 4] = np.nan  # an augmented copy: in the augmented training set only
     configs = [
-        Config.of("OneClassSVM", kernel="rbf"),
-        Config.of("KernelDensity", bandwidth=1.0, kernel="gaussian"),
-        Config.of("LocalOutlierFactor", n_neighbors=4),
-        Config.of("EllipticEnvelope", n_components=8),
+        DetectorConfig("OneClassSVM", (("kernel", "rbf"),)),
+        DetectorConfig("KernelDensity", (("bandwidth", 1.0), ("kernel", "gaussian"))),
+        DetectorConfig("LocalOutlierFactor", (("n_neighbors", 4),)),
+        DetectorConfig("EllipticEnvelope", (("pca_components", 8),)),
+        DetectorConfig("IsolationForest", (("n_estimators", 10),)),
     ]
     errors: dict = {}
-    scores = shared_scores(gram, unit["train"][True], unit["test"], configs, errors=errors)
-    assert set(scores) == set(configs)
-    assert np.isnan(scores[configs[0]]).all()
-    assert set(errors) == {configs[3]}
-    clean = shared_scores(gram, unit["train"][False], unit["test"], configs)
-    assert all(np.isfinite(v).all() for v in clean.values())
+    scores = shared_scores(X, unit["train"][True], unit["test"], configs, errors=errors)
+    assert set(errors) == set(configs[:4]) and set(scores) == {configs[4]}
+    assert all("NaN" in e for e in errors.values())
+    clean = shared_scores(X, unit["train"][False], unit["test"], configs)
+    assert set(clean) == set(configs) and all(np.isfinite(v).all() for v in clean.values())
 
 
 def test_train_first_loading_keeps_rows_and_makes_training_sets_contiguous(tmp_path) -> None:

@@ -1,0 +1,291 @@
+"""What every detector family (method) has: hyperparameters, a plain reference, a shared path.
+
+A family is one class in one module of ``stages.methods``:
+
+- ``hyper``: a strict pydantic model of its hyperparameters, so a typo or a wrong type in
+  params.yaml is a one-line error;
+- ``estimator`` / ``reference``: the plain path, one scikit-learn estimator per config fitted
+  on the raw features (the study's way, and the reference every shared path is tested
+  against; ``evaluate.shared: false`` runs it);
+- ``shares`` / ``reserve`` / ``shared``: the shared path, every config of the family at once
+  from the work unit's shared quantities (:class:`stages.methods.unit.UnitData`: Gram, kNN
+  table, PCA basis, raw rows), each computed once per unit whatever the number of families
+  asking for it.
+
+Scores are oriented so that higher means more anomalous.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
+
+from stages.io import stable_hash
+
+if TYPE_CHECKING:
+    from stages.methods.unit import Needs, UnitData
+
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class Hyper(BaseModel):
+    """Hyperparameters of one family; strict, so ``n_neighbors: 2.5`` or ``"8"`` is an error."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """One detector config: a family and its (fixed + grid) hyperparameters."""
+
+    family: str
+    params: tuple[tuple[str, Any], ...]
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def name(self) -> str:
+        """Readable label: ``Family(key=value,...)``, keys sorted."""
+        return f"{self.family}({','.join(f'{k}={v}' for k, v in self.params)})"
+
+    @property
+    def key(self) -> str:
+        return stable_hash({"family": self.family, "params": self.kwargs})
+
+
+@dataclass
+class Outcome:
+    """The result of one config on one work unit: test scores or the error that stopped it.
+
+    ``train_scores``: the fitted model's scores of its own training rows (same orientation),
+    from which the evaluate stage sets a threshold without test labels. They are in-sample,
+    so optimistic for memorising detectors (a KDE or LOF sees the point itself). ``None``
+    where they could not be computed. ``maps``: optionally one 2-D score map per test image
+    (n_test, H, W) from families that localise; ``None`` for image-level families.
+    """
+
+    scores: np.ndarray | None
+    fit_s: float = 0.0
+    score_s: float = 0.0
+    error: str | None = None
+    train_scores: np.ndarray | None = None
+    maps: np.ndarray | None = None
+
+
+@dataclass
+class Scored:
+    """A shared path's result for one config: scores of the unit's queries (test rows, then
+    training rows, as ``UnitData.queries`` orders them) and optional test score maps."""
+
+    scores: np.ndarray
+    maps: np.ndarray | None = None
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` plus the innermost frame, short enough for a table column."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{''.join(traceback.format_exception_only(exc)).strip()}{where}"[:2000]
+
+
+def in_sample_scores(model: BaseEstimator, X_train: np.ndarray) -> np.ndarray | None:
+    """In-sample scores of a fitted model (higher = more anomalous); ``None`` if it fails.
+
+    A failure here leaves the test scores valid: only the honest threshold is then missing.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return -np.asarray(model.score_samples(X_train), dtype=np.float64)
+    except Exception:
+        return None
+
+
+def nonfinite_error(n_bad: int) -> str:
+    return (f"ValueError: Input contains NaN or infinity: {n_bad} of the train/test rows "
+            "have non-finite features (shared computation)")  # fmt: skip
+
+
+class Family:
+    """A detector family: its hyperparameters, its plain reference and its shared path."""
+
+    name: ClassVar[str]
+    hyper: ClassVar[type[Hyper]]
+    seeded: ClassVar[bool] = False  # passes ``random_state=seed``
+    test_only: ClassVar[bool] = False
+    # The shared path fails the whole group, as scikit-learn's input check does, when a
+    # query row has a non-finite feature (a family whose estimator accepts NaN sets False).
+    needs_finite: ClassVar[bool] = True
+
+    # --- the plain reference: one estimator per config ----------------------------------
+    def estimator(self, params: dict[str, Any], seed: int) -> BaseEstimator:
+        """The scikit-learn estimator of one config (``fit`` then ``score_samples``)."""
+        raise NotImplementedError
+
+    def hyperparams(self, config: DetectorConfig) -> Hyper:
+        """The config's hyperparameters with the family's defaults filled in."""
+        return self.hyper.model_validate(config.kwargs)
+
+    def reference(
+        self, X_train: np.ndarray, X_test: np.ndarray, configs: Sequence[DetectorConfig], seed: int
+    ) -> Iterator[Outcome]:
+        """Yield one ``Outcome`` per config, in order (callers time and bound each step)."""
+        for config in configs:
+            yield self.reference_one(X_train, X_test, config, seed)
+
+    def reference_one(
+        self, X_train: np.ndarray, X_test: np.ndarray, config: DetectorConfig, seed: int
+    ) -> Outcome:
+        """Fit one estimator; a config's failure is data (its error), not a stage failure."""
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                # The study capped its SVMs at max_iter=1000: not converging is expected.
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model = self.estimator(config.kwargs, seed).fit(X_train)
+                t1 = time.perf_counter()
+                scores = -np.asarray(model.score_samples(X_test), dtype=np.float64)
+                t2 = time.perf_counter()
+        except Exception as exc:
+            return Outcome(None, time.perf_counter() - t0, 0.0, error_text(exc))
+        return Outcome(scores, t1 - t0, t2 - t1, train_scores=in_sample_scores(model, X_train))
+
+    # --- the shared path: every config of a group from the unit's shared quantities -----
+    def shares(self, config: DetectorConfig) -> bool:
+        """Whether the shared path covers ``config`` (else it runs per config)."""
+        return False
+
+    def reserve(self, needs: Needs, configs: Sequence[DetectorConfig]) -> None:
+        """Declare, before anything is computed, what the configs will ask the unit for
+        (the kNN depth, the PCA components, the raw rows), so each is computed once."""
+
+    def shared(
+        self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int
+    ) -> list[Scored | np.ndarray | BaseException]:
+        """Scores of ``data.queries(augmented)`` for every config, or the exception of a
+        config that failed (the others stand)."""
+        raise NotImplementedError(f"{self.name} has no shared path")
+
+    def shared_outcomes(
+        self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int
+    ) -> list[Outcome]:
+        """One ``Outcome`` per config: test scores and in-sample training scores in one call.
+
+        ``fit_s`` is the call's seconds split evenly over the configs, ``score_s`` 0 (fit
+        and score are one computation); the unit's shared quantities are added by the caller.
+        """
+        t0 = time.perf_counter()
+        n_test = len(data.test)
+        n_bad = data.n_nonfinite(augmented) if self.needs_finite else 0
+        if n_bad:
+            results: list[Any] = [ValueError(nonfinite_error(n_bad))] * len(configs)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    results = list(self.shared(data, augmented, configs, seed))
+                except Exception as exc:  # the whole group failed: each config records why
+                    results = [exc] * len(configs)
+        share = (time.perf_counter() - t0) / max(len(configs), 1)
+        outcomes = []
+        for result in results:
+            if isinstance(result, BaseException):
+                text = str(result) if n_bad else error_text(result)
+                outcomes.append(Outcome(None, share, 0.0, text))
+                continue
+            scored = result if isinstance(result, Scored) else Scored(result)
+            s = np.asarray(scored.scores, dtype=np.float64)
+            outcomes.append(Outcome(s[:n_test], share, 0.0, train_scores=s[n_test:],
+                                    maps=scored.maps))  # fmt: skip
+        return outcomes
+
+
+class SklearnFamily(Family):
+    """A family whose reference is one scikit-learn class called with the hyperparameters."""
+
+    estimator_class: ClassVar[type[BaseEstimator]]
+
+    def estimator(self, params: dict[str, Any], seed: int) -> BaseEstimator:
+        seed_kw = {"random_state": seed} if self.seeded else {}
+        return self.estimator_class(**params, **seed_kw)
+
+
+def capped(n: int, *limits: int) -> int:
+    """``min(n, *limits)``, at least 1: a size the data allows ("fewer when it has fewer")."""
+    return max(1, min(n, *limits))
+
+
+class PCADetector(OutlierMixin, BaseEstimator):
+    """Base of plain references that start with PCA to ``min(n_components, n - 1, d)``.
+
+    n centred rows span at most n - 1 dimensions: a further component would be an
+    arbitrary direction of zero training variance (whatever the SVD returns), which
+    changes the scores of test rows without carrying anything learnt.
+
+    In float64, the precision of the shared path (a reconstruction error is a difference
+    of nearly equal quantities for training images; float32 would drown it in rounding).
+    """
+
+    def __init__(self, n_components: int = 32) -> None:
+        self.n_components = n_components
+
+    def _fit_pca(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        k = capped(self.n_components, len(X) - 1, X.shape[1])
+        self.pca_ = PCA(n_components=k, svd_solver="full")
+        self.pca_.fit(X)
+        return X
+
+
+class PCAFamily(Family):
+    """A family of one hyperparameter, ``pca_components`` (capped to ``min(n_train - 1,
+    n_features)``, see :class:`PCADetector`), scored on the unit's shared PCA basis by
+    :meth:`score`."""
+
+    class hyper(Hyper):
+        pca_components: PositiveInt = 32
+
+    detector: ClassVar[type[PCADetector]]
+
+    def estimator(self, params: dict[str, Any], seed: int) -> BaseEstimator:
+        return self.detector(n_components=params.get("pca_components", 32))
+
+    def shares(self, config: DetectorConfig) -> bool:
+        return True
+
+    def reserve(self, needs: Needs, configs: Sequence[DetectorConfig]) -> None:
+        needs.reserve(pca=max(self.hyperparams(c).pca_components for c in configs))
+
+    def shared(
+        self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int
+    ) -> list[Scored | np.ndarray | BaseException]:
+        pca = data.pca(augmented)
+        n, d = len(data.train[augmented]), data.n_features
+        out: list[Scored | np.ndarray | BaseException] = []
+        for config in configs:
+            k = capped(self.hyperparams(config).pca_components, n - 1, d)
+            try:
+                out.append(self.score(pca.z_train[:, :k], pca.z_queries[:, :k], pca.centred_sq))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def score(
+        self, z_train: np.ndarray, z_queries: np.ndarray, centred_sq: np.ndarray
+    ) -> np.ndarray:
+        """Scores of the queries from their projections on k components and ``||x - mean||^2``."""
+        raise NotImplementedError
