@@ -12,6 +12,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
+from sklearn.neighbors import NearestNeighbors
 
 from stages.evaluate import FeatureSetEntry, experiment_key
 from stages.methods import FAMILIES, DetectorConfig, Needs, UnitData, expand_detectors
@@ -20,7 +21,7 @@ from tests.eval_fixtures import grid_of, study_detectors, tie_safe_auroc
 
 REPO = Path(__file__).resolve().parents[1]
 N_ORIG, N_AUG, N_TEST, DIM = 30, 60, 20, 50
-COURSE = ("KMeansDistance", "Mahalanobis", "PCAReconstruction")
+COURSE = ("KMeansDistance", "KNNDistance", "Mahalanobis", "PCAReconstruction")
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,10 @@ def plain(config: DetectorConfig, X_tr: np.ndarray, X_q: np.ndarray, seed: int) 
     if config.family == "KMeansDistance":
         k = min(p["n_clusters"], len(X_tr))
         return KMeans(n_clusters=k, random_state=seed).fit(X_tr).transform(X_q).min(axis=1)
+    if config.family == "KNNDistance":
+        k = min(p["n_neighbors"], len(X_tr))
+        dist, _ = NearestNeighbors(n_neighbors=k).fit(X_tr).kneighbors(X_q)
+        return dist[:, -1] if p["aggregate"] == "kth" else dist.mean(axis=1)
     k = min(p["pca_components"], len(X_tr) - 1, X_tr.shape[1])  # n centred rows: rank n - 1
     pca = PCA(n_components=k, svd_solver="full").fit(X_tr)
     if config.family == "Mahalanobis":
@@ -90,7 +95,8 @@ def test_the_study_grid_lives_in_params_only():
     demo = expand_detectors(grid_of("params.yaml"))
     assert len(study) == 71 and set(study) <= set(demo)
     counts = {f: sum(c.family == f for c in demo) for f in COURSE}
-    assert counts == {"KMeansDistance": 6, "Mahalanobis": 4, "PCAReconstruction": 6}
+    assert counts == {"KMeansDistance": 6, "KNNDistance": 12, "Mahalanobis": 4,
+                      "PCAReconstruction": 6}  # fmt: skip
     for path in (REPO / "stages").rglob("*.py"):  # no copy of Table 3 in code
         assert '0.5, 1.0, "scott"' not in path.read_text() and "STUDY_DETECTORS" not in (
             path.read_text()
@@ -133,13 +139,14 @@ def test_experiment_keys_of_the_study_grid_do_not_change():
 
 def test_shared_quantities_are_computed_once_and_sized_for_every_family(rows: dict):
     configs = expand_detectors([
-        {"family": "LocalOutlierFactor", "grid": {"n_neighbors": [2, 8, 40]}},
+        {"family": "LocalOutlierFactor", "grid": {"n_neighbors": [2, 8]}},
+        {"family": "KNNDistance", "grid": {"n_neighbors": [1, 40]}},
         {"family": "Mahalanobis", "grid": {"pca_components": [4, 16]}},
         {"family": "EllipticEnvelope", "grid": {"pca_components": [8]}},
     ])  # fmt: skip
     data = unit_data(rows, configs)
     assert (data.needs.knn, data.needs.pca, data.needs.raw) == (40, 16, False)
-    for family in ("LocalOutlierFactor", "LocalOutlierFactor"):
+    for family in ("LocalOutlierFactor", "KNNDistance"):
         group = [c for c in configs if c.family == family]
         assert all(o.error is None for o in FAMILIES[family].shared_outcomes(data, True, group, 0))
         used = data.take_used()
@@ -179,7 +186,7 @@ def test_course_baselines_agree_with_plain_sklearn(rows: dict, augmented: bool):
             # two float64 computations in different orders: relative agreement, and an
             # absolute floor: a squared distance from a Gram, ||a||^2 + ||b||^2 - 2 a.b, is
             # off by a few eps x ||x||^2 (1e-12 covers it); a distance by its square root
-            atol = np.sqrt(floor) if family == "KMeansDistance" else floor
+            atol = np.sqrt(floor) if family in ("KMeansDistance", "KNNDistance") else floor
             np.testing.assert_allclose(ours, theirs, rtol=1e-6,
                                        atol=atol, err_msg=config.name)  # fmt: skip
             y = rows["labels"]

@@ -22,6 +22,7 @@ from stages.methods.faults import CrashFamily, HangFamily
 from stages.methods.iforest import IsolationForestFamily
 from stages.methods.kde import KernelDensityFamily
 from stages.methods.kmeans import KMeansDistanceFamily
+from stages.methods.knn import KNNDistanceFamily
 from stages.methods.lof import LocalOutlierFactorFamily
 from stages.methods.mahalanobis import MahalanobisFamily
 from stages.methods.ocsvm import OneClassSVMFamily
@@ -40,6 +41,7 @@ FAMILIES: dict[str, Family] = {
         LocalOutlierFactorFamily,
         EllipticEnvelopeFamily,
         KMeansDistanceFamily,
+        KNNDistanceFamily,
         MahalanobisFamily,
         PCAReconstructionFamily,
         CrashFamily,
