@@ -178,7 +178,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--streams", type=int, default=2, help="forward passes at once")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; medians printed")
-    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    networks = [b for b in BACKBONES if b != "pixels"]  # pixels: no forward pass to compare
+    parser.add_argument("--backbones", nargs="+", default=networks)
     args = parser.parse_args()
     if not BOTTLE.is_dir():
         print(f"skipped: {BOTTLE} not found (MVTec AD bottle images are needed)")
@@ -202,7 +203,7 @@ def main() -> None:
         print(f"{'backbone':<20}{'cold img/s':>11}{'warm img/s':>11}{one:>10}{many:>10}"
               f"{'cold':>6}{'warm':>6}{'study':>7}{'MB/img f32':>12}{'MB/img f16':>12}")  # fmt: skip
         for backbone in args.backbones:
-            init = "imagenet" if backbone == "efficientnet_lite0" else "random"
+            init = "imagenet" if backbone == "efficientnet_lite0" else BACKBONES[backbone].inits[0]
             unit = WorkUnit(
                 category="bottle",
                 backbone=backbone,

