@@ -166,8 +166,9 @@ class Family:
 
     # --- the shared path: every config of a group from the unit's shared quantities -----
     def shares(self, config: DetectorConfig) -> bool:
-        """Whether the shared path covers ``config`` (else it runs per config)."""
-        return False
+        """Whether the shared path covers ``config`` (else it runs per config); by default,
+        every config of a family that has a shared path."""
+        return type(self).shared is not Family.shared
 
     def reserve(self, needs: Needs, configs: Sequence[DetectorConfig]) -> None:
         """Declare, before anything is computed, what the configs will ask the unit for
@@ -234,27 +235,39 @@ class PCADetector(OutlierMixin, BaseEstimator):
 
     n centred rows span at most n - 1 dimensions: a further component would be an
     arbitrary direction of zero training variance (whatever the SVD returns), which
-    changes the scores of test rows without carrying anything learnt.
-
-    In float64, the precision of the shared path (a reconstruction error is a difference
-    of nearly equal quantities for training images; float32 would drown it in rounding).
+    changes the scores of test rows without carrying anything learnt. In float64, the
+    precision of the shared path. A subclass scores the projections, the same function
+    on both paths: :meth:`score_projected`.
     """
 
     def __init__(self, n_components: int = 32) -> None:
         self.n_components = n_components
 
-    def _fit_pca(self, X: np.ndarray) -> np.ndarray:
+    def fit(self, X: np.ndarray, y: Any = None) -> PCADetector:
         X = np.asarray(X, dtype=np.float64)
         k = capped(self.n_components, len(X) - 1, X.shape[1])
-        self.pca_ = PCA(n_components=k, svd_solver="full")
-        self.pca_.fit(X)
-        return X
+        self.pca_ = PCA(n_components=k, svd_solver="full").fit(X)
+        self.z_train_ = self.pca_.transform(X)
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        centred_sq = ((X - self.pca_.mean_) ** 2).sum(axis=1)
+        return -self.score_projected(self.z_train_, self.pca_.transform(X), centred_sq)
+
+    @staticmethod
+    def score_projected(
+        z_train: np.ndarray, z_queries: np.ndarray, centred_sq: np.ndarray
+    ) -> np.ndarray:
+        """Scores (higher = more anomalous) of queries from their projections on the top k
+        components, given the training projections and each query's ``||x - mean||^2``."""
+        raise NotImplementedError
 
 
 class PCAFamily(Family):
-    """A family of one hyperparameter, ``pca_components`` (capped to ``min(n_train - 1,
-    n_features)``, see :class:`PCADetector`), scored on the unit's shared PCA basis by
-    :meth:`score`."""
+    """A family on the unit's shared PCA basis: ``pca_components`` (capped to
+    ``min(n_train - 1, n_features)``, see :class:`PCADetector`) and its detector's
+    :meth:`PCADetector.score_projected` on the projections."""
 
     class hyper(Hyper):
         pca_components: PositiveInt = 32
@@ -263,9 +276,6 @@ class PCAFamily(Family):
 
     def estimator(self, params: dict[str, Any], seed: int) -> BaseEstimator:
         return self.detector(n_components=params.get("pca_components", 32))
-
-    def shares(self, config: DetectorConfig) -> bool:
-        return True
 
     def reserve(self, needs: Needs, configs: Sequence[DetectorConfig]) -> None:
         needs.reserve(pca=max(self.hyperparams(c).pca_components for c in configs))
@@ -279,13 +289,8 @@ class PCAFamily(Family):
         for config in configs:
             k = capped(self.hyperparams(config).pca_components, n - 1, d)
             try:
-                out.append(self.score(pca.z_train[:, :k], pca.z_queries[:, :k], pca.centred_sq))
+                z_train, z_queries = pca.z_train[:, :k], pca.z_queries[:, :k]
+                out.append(self.detector.score_projected(z_train, z_queries, pca.centred_sq))
             except Exception as exc:
                 out.append(exc)
         return out
-
-    def score(
-        self, z_train: np.ndarray, z_queries: np.ndarray, centred_sq: np.ndarray
-    ) -> np.ndarray:
-        """Scores of the queries from their projections on k components and ``||x - mean||^2``."""
-        raise NotImplementedError

@@ -18,8 +18,8 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.covariance import EllipticEnvelope
 from sklearn.decomposition import PCA
 
-from stages.methods.base import DetectorConfig, Family, Fraction, Hyper, PositiveInt, capped
-from stages.methods.unit import Needs, UnitData
+from stages.methods.base import DetectorConfig, Fraction, PCAFamily, capped
+from stages.methods.unit import UnitData
 
 
 class PCAEllipticEnvelope(OutlierMixin, BaseEstimator):
@@ -47,9 +47,10 @@ class PCAEllipticEnvelope(OutlierMixin, BaseEstimator):
         return self.envelope_.score_samples(self.pca_.transform(X))
 
 
-class EllipticEnvelopeFamily(Family):
-    class hyper(Hyper):
-        pca_components: PositiveInt = 32
+class EllipticEnvelopeFamily(PCAFamily):
+    """The shared PCA basis, capped as the study did (``min(k, n_train, n_features)``)."""
+
+    class hyper(PCAFamily.hyper):
         support_fraction: Fraction | None = None
 
     name = "EllipticEnvelope"
@@ -59,12 +60,6 @@ class EllipticEnvelopeFamily(Family):
         params = dict(params)
         return PCAEllipticEnvelope(n_components=params.pop("pca_components", 32), **params,
                                    random_state=seed)  # fmt: skip
-
-    def shares(self, config: DetectorConfig) -> bool:
-        return True
-
-    def reserve(self, needs: Needs, configs: Sequence[DetectorConfig]) -> None:
-        needs.reserve(pca=max(self.hyperparams(c).pca_components for c in configs))
 
     def shared(
         self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int

@@ -37,9 +37,6 @@ class IsolationForestFamily(SklearnFamily):
     seeded = True
     needs_finite = False
 
-    def shares(self, config: DetectorConfig) -> bool:
-        return True
-
     def reserve(self, needs: Needs, configs: Sequence[DetectorConfig]) -> None:
         needs.reserve(raw=True)
 

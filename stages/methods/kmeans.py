@@ -58,9 +58,6 @@ class KMeansDistanceFamily(Family):
     def estimator(self, params: dict[str, Any], seed: int) -> BaseEstimator:
         return KMeansDistanceDetector(**params, random_state=seed)
 
-    def shares(self, config: DetectorConfig) -> bool:
-        return True
-
     def reserve(self, needs: Needs, configs: Sequence[DetectorConfig]) -> None:
         needs.reserve(pca=ALL)
 

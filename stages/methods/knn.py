@@ -52,9 +52,6 @@ class KNNDistanceFamily(Family):
     def estimator(self, params: dict[str, Any], seed: int) -> BaseEstimator:
         return KNNDistanceDetector(**params)
 
-    def shares(self, config: DetectorConfig) -> bool:
-        return True
-
     def reserve(self, needs: Needs, configs: Sequence[DetectorConfig]) -> None:
         needs.reserve(knn=max(self.hyperparams(c).n_neighbors for c in configs))
 

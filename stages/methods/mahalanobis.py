@@ -8,8 +8,6 @@ invariant to the components' signs, which the Gram's eigendecomposition leaves a
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from sklearn.covariance import LedoitWolf
 
@@ -17,22 +15,15 @@ from stages.methods.base import PCADetector, PCAFamily
 
 
 class PCAMahalanobis(PCADetector):
-    """Plain reference: PCA, then ``LedoitWolf``; score = squared Mahalanobis distance."""
+    """PCA, then ``LedoitWolf`` on the training projections; score = squared distance."""
 
-    def fit(self, X: np.ndarray, y: Any = None) -> PCAMahalanobis:
-        X = self._fit_pca(X)
-        self.covariance_ = LedoitWolf().fit(self.pca_.transform(X))
-        return self
-
-    def score_samples(self, X: np.ndarray) -> np.ndarray:
-        return -self.covariance_.mahalanobis(self.pca_.transform(np.asarray(X, np.float64)))
+    @staticmethod
+    def score_projected(
+        z_train: np.ndarray, z_queries: np.ndarray, centred_sq: np.ndarray
+    ) -> np.ndarray:
+        return LedoitWolf().fit(z_train).mahalanobis(z_queries)
 
 
 class MahalanobisFamily(PCAFamily):
     name = "Mahalanobis"
     detector = PCAMahalanobis
-
-    def score(
-        self, z_train: np.ndarray, z_queries: np.ndarray, centred_sq: np.ndarray
-    ) -> np.ndarray:
-        return LedoitWolf().fit(z_train).mahalanobis(z_queries)

@@ -41,9 +41,6 @@ class OneClassSVMFamily(SklearnFamily):
     name = "OneClassSVM"
     estimator_class = OneClassSVM
 
-    def shares(self, config: DetectorConfig) -> bool:
-        return True
-
     def shared(
         self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int
     ) -> list[np.ndarray | BaseException]:
