@@ -134,6 +134,26 @@ def make_workspace(
     return path
 
 
+N_ORIG, N_AUG, N_TEST, DIM = 30, 60, 20, 50
+
+
+def gamma_rows(seed: int) -> dict[str, Any]:
+    """In-memory rows of one unit: 30 train originals, 60 augmented copies (noisy), 20 test
+    rows of which the last 10 are shifted (anomalous); ``train[augmented]`` index them."""
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(2.0, 1.0, size=(N_ORIG, DIM))
+    aug = np.concatenate([base + rng.normal(0, 0.3, base.shape) for _ in range(2)])
+    test = rng.gamma(2.0, 1.0, size=(N_TEST, DIM))
+    test[N_TEST // 2 :] += rng.normal(0.8, 0.5, size=(N_TEST // 2, DIM))
+    index = np.arange(N_ORIG + N_AUG + N_TEST)
+    return {
+        "X": np.concatenate([base, aug, test]),
+        "labels": np.r_[np.zeros(N_TEST // 2), np.ones(N_TEST // 2)],
+        "test": index[N_ORIG + N_AUG :],
+        "train": {False: index[:N_ORIG], True: index[: N_ORIG + N_AUG]},
+    }
+
+
 def tie_safe_auroc(y: np.ndarray, scores: np.ndarray, rtol: float = 1e-9) -> float:
     """AUROC where scores equal within ``rtol`` (relative) are ties, counted half.
 

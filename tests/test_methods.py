@@ -17,28 +17,23 @@ from sklearn.neighbors import NearestNeighbors
 from stages.evaluate import FeatureSetEntry, experiment_key
 from stages.methods import FAMILIES, DetectorConfig, Needs, UnitData, expand_detectors
 from stages.methods.pca_reconstruction import NOISE
-from tests.eval_fixtures import grid_of, study_detectors, tie_safe_auroc
+from tests.eval_fixtures import (
+    N_AUG,
+    N_ORIG,
+    N_TEST,
+    gamma_rows,
+    grid_of,
+    study_detectors,
+    tie_safe_auroc,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-N_ORIG, N_AUG, N_TEST, DIM = 30, 60, 20, 50
 COURSE = ("KMeansDistance", "KNNDistance", "Mahalanobis", "PCAReconstruction")
 
 
 @pytest.fixture(scope="module")
 def rows() -> dict:
-    """30 train originals, 60 augmented copies, 20 test rows (10 shifted = anomalous)."""
-    rng = np.random.default_rng(11)
-    base = rng.gamma(2.0, 1.0, size=(N_ORIG, DIM))
-    aug = np.concatenate([base + rng.normal(0, 0.3, base.shape) for _ in range(2)])
-    test = rng.gamma(2.0, 1.0, size=(N_TEST, DIM))
-    test[N_TEST // 2 :] += rng.normal(0.8, 0.5, size=(N_TEST // 2, DIM))
-    index = np.arange(N_ORIG + N_AUG + N_TEST)
-    return {
-        "X": np.concatenate([base, aug, test]),
-        "labels": np.r_[np.zeros(N_TEST // 2), np.ones(N_TEST // 2)],
-        "test": index[N_ORIG + N_AUG :],
-        "train": {False: index[:N_ORIG], True: index[: N_ORIG + N_AUG]},
-    }
+    return gamma_rows(11)
 
 
 def unit_data(rows: dict, configs: list[DetectorConfig]) -> UnitData:

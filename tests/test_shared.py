@@ -18,29 +18,13 @@ from stages.methods import FAMILIES, DetectorConfig, Needs, UnitData, expand_det
 from stages.methods.iforest import iforest_scores
 from stages.methods.kde import KDE_KERNELS, kde_bandwidth, kde_log_density, kde_log_norm
 from stages.methods.unit import gram_blockwise, pca_from_gram
-from tests.eval_fixtures import study_detectors, tie_safe_auroc
-
-N_ORIG, N_AUG, N_TEST, DIM = 30, 60, 20, 50
+from tests.eval_fixtures import N_ORIG, gamma_rows, study_detectors, tie_safe_auroc
 
 
 @pytest.fixture(scope="module")
 def unit() -> dict:
-    """Rows: 30 train originals, 60 augmented copies, 20 test (10 shifted = anomalous)."""
-    rng = np.random.default_rng(7)
-    base = rng.gamma(2.0, 1.0, size=(N_ORIG, DIM))
-    aug = np.concatenate([base + rng.normal(0, 0.3, base.shape) for _ in range(2)])
-    test = rng.gamma(2.0, 1.0, size=(N_TEST, DIM))
-    test[N_TEST // 2 :] += rng.normal(0.8, 0.5, size=(N_TEST // 2, DIM))
-    X = np.concatenate([base, aug, test])
-    labels = np.r_[np.zeros(N_TEST // 2), np.ones(N_TEST // 2)]
-    rows = np.arange(len(X))
-    return {
-        "X": X,
-        "labels": labels,
-        "test": rows[N_ORIG + N_AUG :],
-        "train": {False: rows[:N_ORIG], True: rows[: N_ORIG + N_AUG]},
-        "gram": gram_blockwise(X, col_block=16),
-    }
+    rows = gamma_rows(7)
+    return {**rows, "gram": gram_blockwise(rows["X"], col_block=16)}
 
 
 def study_configs() -> list[DetectorConfig]:
