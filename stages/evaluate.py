@@ -278,6 +278,10 @@ def _row(features: FeatureSetEntry, exp: Planned, outcome: Outcome, y: np.ndarra
     if scores.shape != y.shape:
         row.error = f"detector returned {scores.shape} scores for {y.shape[0]} test images"
         return row
+    maps = outcome.maps  # stored with the pixel-level metrics; checked here already
+    if maps is not None and (np.ndim(maps) != 3 or len(maps) != y.shape[0]):
+        row.error = f"detector returned maps of shape {np.shape(maps)} for {y.shape[0]} test images"
+        return row
     ranked = ranking_scores(scores)
     both_classes = 0 < y.sum() < y.size
     return replace(

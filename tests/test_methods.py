@@ -15,7 +15,15 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
 from stages.evaluate import FeatureSetEntry, experiment_key
-from stages.methods import FAMILIES, DetectorConfig, Needs, UnitData, expand_detectors
+from stages.methods import (
+    FAMILIES,
+    DetectorConfig,
+    Family,
+    Needs,
+    Scored,
+    UnitData,
+    expand_detectors,
+)
 from stages.methods.pca_reconstruction import NOISE
 from tests.eval_fixtures import (
     N_AUG,
@@ -202,3 +210,27 @@ def test_pca_reconstruction_with_as_many_components_as_the_rank_is_all_ties(rows
         rows["X"][rows["train"][False]], rows["X"][rows["train"][False]], config, 0
     )
     assert np.all(ref.scores == 0)
+
+
+class _Patchy(Family):
+    """A family that localises: a score map per image, its maximum as the image score."""
+
+    name = "patchy"
+
+    def shared(self, data, augmented, configs, seed):
+        X = data.raw[data.queries(augmented), :49].reshape(-1, 7, 7)
+        return [Scored(X.max(axis=(1, 2)), maps=X[: len(data.test)]) for _ in configs]
+
+
+def test_a_family_may_return_one_score_map_per_test_image(rows: dict):
+    """The interface carries maps; families without them are unchanged (maps None)."""
+    config = DetectorConfig("patchy", ())
+    data = UnitData(rows["test"], rows["train"], Needs(raw=True), raw=rows["X"])
+    (outcome,) = _Patchy().shared_outcomes(data, True, [config], 0)
+    assert outcome.maps.shape == (N_TEST, 7, 7) and len(outcome.train_scores) == N_ORIG + N_AUG
+    np.testing.assert_array_equal(outcome.scores, outcome.maps.max(axis=(1, 2)))
+    knn = DetectorConfig("KNNDistance", (("n_neighbors", 2),))
+    (plain_outcome,) = FAMILIES["KNNDistance"].shared_outcomes(
+        unit_data(rows, [knn]), True, [knn], 0
+    )
+    assert plain_outcome.maps is None
