@@ -34,10 +34,13 @@ Params (section ``evaluate``; the feature sets come from ``<extract.out>/feature
   (``Family.shares`` false: the test-only families, a kernel density or LOF with a
   non-euclidean metric) runs per config, logged once per run. Scores agree with the plain
   estimators (a test per family), except where a family's module says its shared path is
-  more exact than scikit-learn (the kernel density's float64 log-sum-exp). Timing: ``fit_s`` is the experiment's amortised share of
-  everything it needed: its group call's seconds split evenly over the group's configs,
-  plus each shared quantity it used split evenly over the experiments that used it;
-  ``score_s`` is 0 (fit and score are one computation). Deadlines: a group call gets
+  more exact than scikit-learn (the kernel density's float64 log-sum-exp). Timing:
+  ``fit_s`` is the experiment's amortised share of everything it needed: its family
+  call's own seconds split evenly over the call's configs, plus each shared quantity it
+  used split evenly over the experiments that used it; ``score_s`` is 0 (fit and score
+  are one computation). ``group_s`` is the family call's own measured seconds (less the
+  shared quantities it computed first) and ``group_size`` the configs it served; per
+  config, ``group_s`` is ``fit_s + score_s`` and the size 1. Deadlines: a group call gets
   ``timeout_s`` x the unit's experiments still to run (it may compute the shared
   quantities of all of them); past it the unit is split down to one experiment, whose
   whole computation gets ``timeout_s``. false: one scikit-learn estimator per config on
@@ -271,6 +274,8 @@ def _row(features: FeatureSetEntry, exp: Planned, outcome: Outcome, y: np.ndarra
     row = ExperimentRow(
         key=exp.key, config=config_fields(features, exp), status="failed",
         fit_s=outcome.fit_s, score_s=outcome.score_s, error=outcome.error, **fs_meta,
+        group_s=outcome.fit_s + outcome.score_s if outcome.group_s is None else outcome.group_s,
+        group_size=outcome.group_size or 1,
     )  # fmt: skip
     if outcome.error is not None:
         return row

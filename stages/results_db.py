@@ -96,6 +96,10 @@ class Experiment(Base):
     average_precision: Mapped[float | None] = mapped_column(Float)
     fit_s: Mapped[float | None] = mapped_column(Float)
     score_s: Mapped[float | None] = mapped_column(Float)
+    # The family call that served this experiment: its own measured seconds and how many
+    # configs it served (1 on the per-config path, where it is fit_s + score_s).
+    group_s: Mapped[float | None] = mapped_column(Float)
+    group_size: Mapped[int | None] = mapped_column(Integer)
     n_nan: Mapped[int | None] = mapped_column(Integer)
     n_posinf: Mapped[int | None] = mapped_column(Integer)
     n_neginf: Mapped[int | None] = mapped_column(Integer)
@@ -166,6 +170,8 @@ class ExperimentRow:
     average_precision: float | None = None
     fit_s: float | None = None
     score_s: float | None = None
+    group_s: float | None = None
+    group_size: int | None = None
     n_nan: int | None = None
     n_posinf: int | None = None
     n_neginf: int | None = None
@@ -406,6 +412,8 @@ def _upsert(engine: Engine, rows: Sequence[ExperimentRow], code_version: str) ->
                 "average_precision": _db_float(row.average_precision),
                 "fit_s": row.fit_s,
                 "score_s": row.score_s,
+                "group_s": row.group_s,
+                "group_size": row.group_size,
                 "n_nan": row.n_nan,
                 "n_posinf": row.n_posinf,
                 "n_neginf": row.n_neginf,

@@ -174,6 +174,16 @@ def test_shared_and_per_config_runs_give_the_same_rows(workspace):
         assert len(a.scores) == len(b.scores) == len(a.image_ids) == 24
         assert a.image_ids == b.image_ids and a.thresholds.keys() == b.thresholds.keys()
         assert a.fit_s > 0 and a.score_s is not None
+        assert b.group_size == 1 and b.group_s == b.fit_s + b.score_s  # a plain fit
+    # one family call per (augmented, family): its configs share its measured seconds, and
+    # each one's amortised fit_s adds the shared quantities to its share of them
+    calls: dict[tuple, list[ExperimentRow]] = {}
+    for exp in unit.experiments:
+        if exp.detector != FALLBACK:
+            calls.setdefault((exp.augmented, exp.detector.family), []).append(shared[exp.key])
+    for members in calls.values():
+        assert {(r.group_s, r.group_size) for r in members} == {(members[0].group_s, len(members))}
+        assert all(r.fit_s >= r.group_s / r.group_size for r in members)
 
 
 def shares(config: DetectorConfig) -> bool:

@@ -4,6 +4,7 @@ once per work unit, the course baselines against plain scikit-learn, stable expe
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -151,7 +152,15 @@ def test_shared_quantities_are_computed_once_and_sized_for_every_family(rows: di
     assert (data.needs.knn, data.needs.pca, data.needs.raw) == (40, 16, False)
     for family in ("LocalOutlierFactor", "KNNDistance"):
         group = [c for c in configs if c.family == family]
-        assert all(o.error is None for o in FAMILIES[family].shared_outcomes(data, True, group, 0))
+        computed_before, t0 = dict(data.seconds), time.perf_counter()
+        outcomes = FAMILIES[family].shared_outcomes(data, True, group, 0)
+        wall = time.perf_counter() - t0
+        assert all(o.error is None and o.group_size == len(group) for o in outcomes)
+        # the call's own seconds exclude the shared quantities it computed (the stage
+        # splits those over their users): no time is counted twice
+        new = sum(s for name, s in data.seconds.items() if name not in computed_before)
+        assert outcomes[0].group_s <= wall - new + 1e-6
+        assert outcomes[0].fit_s == pytest.approx(outcomes[0].group_s / len(group))
         used = data.take_used()
         # the second family reads the cached table and is still charged for what it rests on
         assert {"knn[True]", "sq_dists[True]", "gram"} <= used

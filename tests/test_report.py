@@ -152,11 +152,16 @@ def test_table5_and_table6_match_sql(run):
     _, root, result = run
     text = (root / "results" / "report.md").read_text()
     table5 = {r[0]: r for r in _md_rows(text, "Table 5")}
-    sql = _sql(root, "select detector, count(*), avg(fit_s), avg(score_s) from experiments "
-                     "where status='done' group by detector")  # fmt: skip
-    for family, n, fit_s, score_s in sql:
+    # s per config: each call's group_s once over the configs it served (a member carries
+    # group_s / group_size of it)
+    sql = _sql(root, "select detector, count(*), avg(fit_s), avg(score_s), "
+                     "sum(group_s / group_size) / count(*), min(group_size), max(group_size) "
+                     "from experiments where status='done' group by detector")  # fmt: skip
+    for family, n, fit_s, score_s, config_s, smallest, largest in sql:
         assert table5[family][1] == str(n)
-        assert table5[family][5] == f"{fit_s:.4f}" and table5[family][6] == f"{score_s:.4f}"
+        assert table5[family][6] == f"{config_s:.4f}"
+        assert table5[family][7] == f"{fit_s:.4f}" and table5[family][8] == f"{score_s:.4f}"
+        assert smallest >= 1 and largest <= n
     assert table5["IsolationForest"][1:3] == ["0", "8"] and table5["IsolationForest"][5] == "n/a"
     table6 = {r[0]: r for r in _md_rows(text, "Table 6")}
     for category in CATEGORIES:

@@ -76,6 +76,8 @@ class Outcome:
     so optimistic for memorising detectors (a KDE or LOF sees the point itself). ``None``
     where they could not be computed. ``maps``: optionally one 2-D score map per test image
     (n_test, H, W) from families that localise; ``None`` for image-level families.
+    ``group_s``/``group_size``: the family call that served the config, its own measured
+    seconds and how many configs it served (``None``: a per-config fit, ``fit_s + score_s``).
     """
 
     scores: np.ndarray | None
@@ -84,6 +86,8 @@ class Outcome:
     error: str | None = None
     train_scores: np.ndarray | None = None
     maps: np.ndarray | None = None
+    group_s: float | None = None
+    group_size: int | None = None
 
 
 @dataclass
@@ -186,10 +190,12 @@ class Family:
     ) -> list[Outcome]:
         """One ``Outcome`` per config: test scores and in-sample training scores in one call.
 
-        ``fit_s`` is the call's seconds split evenly over the configs, ``score_s`` 0 (fit
-        and score are one computation); the unit's shared quantities are added by the caller.
+        The call's own seconds (less the shared quantities it was first to compute: the
+        caller splits those over every experiment that used them) are ``group_s``, and
+        ``fit_s`` is their even share per config; ``score_s`` is 0 (fit and score are one
+        computation).
         """
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), set(data.seconds)
         n_test = len(data.test)
         n_bad = data.n_nonfinite(augmented) if self.needs_finite else 0
         if n_bad:
@@ -201,17 +207,21 @@ class Family:
                     results = list(self.shared(data, augmented, configs, seed))
                 except Exception as exc:  # the whole group failed: each config records why
                     results = [exc] * len(configs)
-        share = (time.perf_counter() - t0) / max(len(configs), 1)
+        own = time.perf_counter() - t0
+        own = max(own - sum(s for name, s in data.seconds.items() if name not in before), 0.0)
+        share = own / max(len(configs), 1)
         outcomes = []
         for result in results:
             if isinstance(result, BaseException):
                 text = str(result) if n_bad else error_text(result)
-                outcomes.append(Outcome(None, share, 0.0, text))
+                outcomes.append(Outcome(None, share, 0.0, text, group_s=own,
+                                        group_size=len(configs)))  # fmt: skip
                 continue
             scored = result if isinstance(result, Scored) else Scored(result)
             s = np.asarray(scored.scores, dtype=np.float64)
             outcomes.append(Outcome(s[:n_test], share, 0.0, train_scores=s[n_test:],
-                                    maps=scored.maps))  # fmt: skip
+                                    maps=scored.maps, group_s=own,
+                                    group_size=len(configs)))  # fmt: skip
         return outcomes
 
 
