@@ -5,7 +5,8 @@ x detector config x seed. It fits on the train good images (originals, plus the 
 copies when augmented) and scores every test image; higher score = more anomalous, AUROC
 and average precision with anomalies as the positive class, plus F1, precision, recall,
 accuracy and the confusion matrix at an honest threshold (a quantile of the training
-images' in-sample scores) and at the oracle max-F1 threshold (``stages.metrics``).
+images' out-of-fold scores), at the in-sample one and at the oracle max-F1 threshold
+(``stages.metrics``).
 
 A work unit is one feature set with all its pending experiments (both augmentation
 choices); Dask workers read its Parquet shards themselves and return rows; this process is
@@ -46,9 +47,14 @@ Params (section ``evaluate``; the feature sets come from ``<extract.out>/feature
   whole computation gets ``timeout_s``. false: one scikit-learn estimator per config on
   the raw features (the reference; ``fit_s``/``score_s`` as measured).
 - ``threshold_quantile`` (0.99): the honest threshold is this quantile of the training
-  images' scores, so about ``1 - q`` of the good training images score above it. Training
-  scores are in-sample (a KDE or LOF sees the point itself), so unseen good images exceed
-  it more often. Done experiments stored with another quantile are rerun.
+  images' out-of-fold scores, so about ``1 - q`` of unseen good images score above it.
+- ``threshold_folds`` (5): k of the k-fold (seeded with the experiment's seed; augmented
+  copies in their original's fold) that scores each training image with a model that did
+  not see it: one more family call per fold on the shared path, one more fit per config
+  and fold on the plain path. The in-sample variant (``*_insample``: a KDE or LOF sees the
+  point itself, so unseen good images exceed it far more often) is stored next to it. 0:
+  honest = in-sample. Done experiments stored with another quantile or fold count (or
+  before out-of-fold scores existed) are rerun, and the log says how many.
 - ``retry_failed`` (false; or env ``OOD_RETRY_FAILED=1``): rerun failed/crashed/timeout.
 - ``allow_test_detectors`` (false): enables the test-only ``crash`` and ``hang`` families.
 - ``augmentation`` (``auto``): ``auto`` = augmented true and false where the category has
@@ -85,7 +91,6 @@ import numpy as np
 import sklearn
 from distributed import Client
 from pydantic import Field, ValidationError, field_validator
-from sklearn.metrics import average_precision_score, roc_auc_score
 from tqdm import tqdm
 
 from stages.engine import EngineParams, dask_client, deadline, run_units
@@ -100,13 +105,15 @@ from stages.methods import (
     FAMILIES,
     DetectorConfig,
     DetectorSpec,
+    Family,
     Needs,
     Outcome,
     UnitData,
     error_text,
     expand_detectors,
 )
-from stages.metrics import ranking_scores, threshold_metrics
+from stages.methods.unit import fold_assignment, image_groups
+from stages.metrics import THRESHOLD_FIELDS, ranking_metrics, threshold_metrics
 from stages.params import Section, load_params, load_section, stage_args
 from stages.results_db import (
     FINAL_NOT_DONE,
@@ -114,7 +121,7 @@ from stages.results_db import (
     open_db,
     status_counts,
     statuses,
-    threshold_quantiles,
+    threshold_settings,
     upsert,
 )
 
@@ -133,6 +140,9 @@ class EvaluateParams(Section):
     seeds: Annotated[list[int], Field(min_length=1)] = [0]
     timeout_s: Annotated[float, Field(gt=0)] | None = 600.0
     threshold_quantile: Annotated[float, Field(gt=0, lt=1)] = 0.99
+    # k of the k-fold out-of-fold training scores of the honest threshold; 0: none (the
+    # honest threshold is then the in-sample one, as before they existed; cheaper)
+    threshold_folds: Annotated[int, Field(ge=0, le=100)] = 5
     retry_failed: bool = False
     allow_test_detectors: bool = False
     # auto: augmented=true only where augment.transforms[category] is non-empty;
@@ -142,6 +152,13 @@ class EvaluateParams(Section):
     # The grid: data only (params.yaml; the study's 71 configs in params/study.yaml).
     detectors: Annotated[list[DetectorSpec], Field(min_length=1)]
     engine: EngineParams = EngineParams()
+
+    @field_validator("threshold_folds")
+    @classmethod
+    def _folds(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("1 fold has nothing to hold out: use 0 (in-sample) or >= 2")
+        return value
 
     @field_validator("seeds")
     @classmethod
@@ -187,6 +204,7 @@ class Unit:
     notes: str  # folder of deadline notes, one ``<key>.json`` per timed-out experiment
     threshold_quantile: float = 0.99
     shared: bool = True
+    threshold_folds: int = 5
 
     def label(self) -> str:
         f = self.features
@@ -269,8 +287,19 @@ def config_fields(features: FeatureSetEntry, exp: Planned) -> dict[str, Any]:
 # --- worker side -----------------------------------------------------------------------------
 
 
+def _honest_metrics(
+    y: np.ndarray, scores: np.ndarray, outcome: Outcome, quantile: float, folds: int
+) -> dict[str, Any]:
+    """Threshold metrics: honest from the out-of-fold training scores, in-sample from the
+    fitted model's own training scores (for comparison), oracle from the test labels."""
+    in_sample = threshold_metrics(y, scores, outcome.train_scores, quantile)
+    out = threshold_metrics(y, scores, outcome.oof_scores, quantile) if folds else in_sample
+    out.update({f"{f}_insample": in_sample[f"{f}_honest"] for f in THRESHOLD_FIELDS})
+    return {"threshold_quantile": quantile, "threshold_folds": folds, **out}
+
+
 def _row(features: FeatureSetEntry, exp: Planned, outcome: Outcome, y: np.ndarray,
-         fs_meta: dict[str, Any], quantile: float) -> ExperimentRow:  # fmt: skip
+         fs_meta: dict[str, Any], quantile: float, folds: int) -> ExperimentRow:  # fmt: skip
     row = ExperimentRow(
         key=exp.key, config=config_fields(features, exp), status="failed",
         fit_s=outcome.fit_s, score_s=outcome.score_s, error=outcome.error, **fs_meta,
@@ -287,18 +316,14 @@ def _row(features: FeatureSetEntry, exp: Planned, outcome: Outcome, y: np.ndarra
     if maps is not None and (np.ndim(maps) != 3 or len(maps) != y.shape[0]):
         row.error = f"detector returned maps of shape {np.shape(maps)} for {y.shape[0]} test images"
         return row
-    ranked = ranking_scores(scores)
-    both_classes = 0 < y.sum() < y.size
     return replace(
         row,
         status="done",
-        auroc=float(roc_auc_score(y, ranked)) if both_classes else None,
-        average_precision=float(average_precision_score(y, ranked)) if both_classes else None,
+        **ranking_metrics(y, scores),  # ties within rounding error count half
         n_nan=int(np.isnan(scores).sum()),
         n_posinf=int(np.isposinf(scores).sum()),
         n_neginf=int(np.isneginf(scores).sum()),
-        thresholds={"threshold_quantile": quantile,
-                    **threshold_metrics(y, scores, outcome.train_scores, quantile)},
+        thresholds=_honest_metrics(y, scores, outcome, quantile, folds),
         scores=scores.tolist(),
     )  # fmt: skip
 
@@ -335,7 +360,10 @@ def _per_config_rows(
     rows = []
     for (augmented, seed, family), group in groupby(experiments, key=_group_by):
         group = list(group)
-        X_train = fs.X[fs.rows("train", augmented)]
+        train = fs.rows("train", augmented)
+        X_train = fs.X[train]
+        folds = (fold_assignment(image_groups(fs.image_id[train]), unit.threshold_folds, seed)
+                 if unit.threshold_folds else None)  # fmt: skip
         meta = {"n_train": len(X_train), "n_test": len(X_test), "dim": fs.X.shape[1]}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. LOF's n_neighbors > n_samples notice
@@ -345,13 +373,31 @@ def _per_config_rows(
             for exp in group:
                 with deadline(unit.timeout_s, Path(unit.notes) / f"{exp.key}.json"):
                     outcome = next(outcomes)
+                    if outcome.error is None and folds is not None:
+                        _reference_oof(FAMILIES[family], outcome, X_train, folds, exp, seed)
                 rows.append(_finish(unit, exp, outcome, y, meta, per_image))
     return rows
 
 
+def _reference_oof(family: Family, outcome: Outcome, X_train: np.ndarray, folds: np.ndarray,
+                   exp: Planned, seed: int) -> None:  # fmt: skip
+    """Out-of-fold training scores on the plain path: one more fit per fold, each scoring
+    the rows it held out (``group_s`` counts them; ``fit_s`` stays the one model's)."""
+    t0 = time.perf_counter()
+    oof = np.full(len(X_train), np.nan)
+    for k in range(int(folds.max()) + 1):
+        held = folds == k
+        fold = family.reference_one(X_train[~held], X_train[held], exp.detector, seed)
+        if fold.error is not None:
+            return
+        oof[held] = fold.scores
+    outcome.oof_scores = oof
+    outcome.group_s = outcome.fit_s + outcome.score_s + time.perf_counter() - t0
+
+
 def _finish(unit: Unit, exp: Planned, outcome: Outcome, y: np.ndarray, meta: dict[str, Any],
             per_image: dict[str, Any]) -> ExperimentRow:  # fmt: skip
-    row = _row(unit.features, exp, outcome, y, meta, unit.threshold_quantile)
+    row = _row(unit.features, exp, outcome, y, meta, unit.threshold_quantile, unit.threshold_folds)
     return replace(row, **per_image) if row.status == "done" else row
 
 
@@ -395,14 +441,19 @@ def _shared_rows(
         if atomic:  # a single-experiment unit has one outer deadline
             stack.enter_context(deadline(unit.timeout_s, notes / f"{unit.experiments[0].key}.json"))
         remaining = len(experiments)
+        groups_of_rows = image_groups(fs.image_id)
         for (augmented, seed, family), group in groups:
             # a group may compute the shared quantities of every later one: its deadline
             # covers the experiments still to run in the unit
             budget = None if unit.timeout_s is None or atomic else unit.timeout_s * remaining
             with deadline(budget, group_note):
-                outcomes = FAMILIES[family].shared_outcomes(
-                    data, augmented, [e.detector for e in group], seed
-                )
+                configs = [e.detector for e in group]
+                outcomes = FAMILIES[family].shared_outcomes(data, augmented, configs, seed)
+                if unit.threshold_folds:
+                    folds = data.add_folds(augmented, groups_of_rows[train[augmented]],
+                                           unit.threshold_folds, seed)  # fmt: skip
+                    _shared_oof(FAMILIES[family], data, augmented, folds, configs, seed,
+                                outcomes)  # fmt: skip
             done.append((group, outcomes, data.take_used()))
             remaining -= len(group)
     # each shared quantity's seconds, split evenly over the experiments that used it
@@ -420,6 +471,30 @@ def _shared_rows(
     if fallback:
         rows += _per_config_rows(unit, fs, fallback)
     return rows
+
+
+def _shared_oof(family: Family, data: UnitData, augmented: bool, folds: list[tuple],
+                configs: list[DetectorConfig], seed: int, outcomes: list[Outcome]) -> None:  # fmt: skip
+    """Out-of-fold training scores: the family's shared path once per fold (sub-matrices
+    of the unit's Gram, the fold's own kNN table and PCA basis); the folds' own seconds
+    are added to the call's. A config failing on a fold gets no out-of-fold scores."""
+    train = data.train[augmented]
+    oof = [np.full(len(train), np.nan) for _ in configs]
+    failed: set[int] = set()
+    extra = 0.0
+    for key in folds:
+        held = np.searchsorted(train, data.queries(key))
+        fold_outcomes = family.shared_outcomes(data, key, configs, seed)
+        extra += fold_outcomes[0].group_s or 0.0
+        for i, fold in enumerate(fold_outcomes):
+            if fold.error is not None:
+                failed.add(i)
+            else:
+                oof[i][held] = fold.scores
+    for i, outcome in enumerate(outcomes):
+        outcome.oof_scores = oof[i] if folds and i not in failed else None
+        outcome.group_s = (outcome.group_s or 0.0) + extra
+        outcome.fit_s += extra / len(configs)
 
 
 def evaluate_unit(unit: Unit) -> list[ExperimentRow]:
@@ -581,13 +656,21 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
     db = open_db(params.db_url)
     try:
         known = statuses(db, keys)
-        stale = [k for k, q in threshold_quantiles(db, keys).items()
-                 if q != params.threshold_quantile]  # fmt: skip
-        for key in stale:
-            known[key] = "stale"  # threshold metrics of another quantile: rerun
-        if stale:
+        stored = threshold_settings(db, keys)
+        other_q = [k for k, (q, _) in stored.items() if q != params.threshold_quantile]
+        other_f = [k for k, (q, f) in stored.items()
+                   if q == params.threshold_quantile and f != params.threshold_folds]  # fmt: skip
+        for key in (*other_q, *other_f):
+            known[key] = "stale"  # threshold metrics computed otherwise: rerun
+        if other_q:
             log.info("%d done experiments have threshold metrics of another "
-                     "threshold_quantile; rerunning them", len(stale))  # fmt: skip
+                     "threshold_quantile; rerunning them", len(other_q))  # fmt: skip
+        if other_f:
+            before = sum(1 for k in other_f if stored[k][1] is None)
+            log.info("%d done experiments have an honest threshold not from %d-fold "
+                     "out-of-fold scores (%d from in-sample scores, stored before it "
+                     "existed); rerunning them", len(other_f), params.threshold_folds,
+                     before)  # fmt: skip
         retry = retry_requested(params)
         skip = {"done"} if retry else {"done", *FINAL_NOT_DONE}
         notes = Path(params.scratch) / "timeouts"
@@ -605,7 +688,8 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
                          len(todo))  # fmt: skip
             if todo:
                 units.append(Unit(fs, todo, params.timeout_s, str(notes.resolve()),
-                                  params.threshold_quantile, params.shared))  # fmt: skip
+                                  params.threshold_quantile, params.shared,
+                                  params.threshold_folds))  # fmt: skip
         n_todo = sum(len(u.experiments) for u in units)
         not_done = sum(1 for k in keys if known.get(k) in FINAL_NOT_DONE)
         log.info("%d experiments in the grid (%d feature sets x %d detector configs x "

@@ -11,6 +11,10 @@ anomalous. Two thresholds per experiment:
 * oracle: the threshold that maximises F1 on the test set itself (ties: the lowest such
   threshold). It uses the test labels, so it is an upper bound, labelled as such.
 
+Ties: scores equal within their numerical error are ties (:func:`tie_safe_scores`) for
+AUROC, average precision and both thresholds, so the stored metrics do not depend on
+rounding noise (summation order, CPU, BLAS build) where scores tie in exact arithmetic.
+
 Selection: the study reports per category the best AUROC over thousands of configs, chosen
 by that very test AUROC. ``loco_selection`` chooses a config for each category from the
 other categories only (best mean rank), so its AUROC on the held-out category is honest.
@@ -26,8 +30,11 @@ from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
+from sklearn.metrics import average_precision_score, roc_auc_score
 
-THRESHOLD_KINDS = ("honest", "oracle")
+# honest: out-of-fold training scores (evaluate.threshold_folds); insample: the fitted
+# model's scores of its own training rows (the old honest, kept for comparison)
+THRESHOLD_KINDS = ("honest", "oracle", "insample")
 THRESHOLD_FIELDS = ("threshold", "f1", "precision", "recall", "accuracy", "tp", "fp", "tn", "fn")
 
 # What identifies a config across categories: every config field but the category and the
@@ -44,20 +51,88 @@ CONFIG_FIELDS = (
 )
 
 
+# The tie rule (measured: ``benchmarks/tie_tolerance.py``, README "Ties"): two scores are
+# one tie when they differ by at most TIE_RTOL relative to the larger magnitude, or when
+# both are within TIE_FLOOR x the score set's scale (its largest finite magnitude) of 0.
+TIE_RTOL = 1e-10
+TIE_FLOOR = 1e-6
+
+
 def ranking_scores(scores: np.ndarray) -> np.ndarray:
     """Scores with non-finite values placed explicitly, for AUROC/AP.
 
     ``+inf`` (e.g. zero density under a compact KDE kernel) ranks above every finite score,
     ``-inf`` below; ``NaN`` (no information) ranks with the least anomalous. Ties among
     them stay ties. The study mapped all of them to 0; the counts are stored per experiment.
+    The margin grows with the magnitude, so ``+inf`` never ties a finite score of 1e20.
     """
     scores = np.asarray(scores, dtype=np.float64)
     finite = scores[np.isfinite(scores)]
     lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
     out = scores.copy()
-    out[np.isposinf(scores)] = hi + 1.0
-    out[np.isneginf(scores) | np.isnan(scores)] = lo - 1.0
+    out[np.isposinf(scores)] = hi + 1.0 + abs(hi)
+    out[np.isneginf(scores) | np.isnan(scores)] = lo - 1.0 - abs(lo)
     return out
+
+
+def tie_safe_scores(
+    scores: np.ndarray, rtol: float = TIE_RTOL, floor: float = TIE_FLOOR
+) -> np.ndarray:
+    """Scores with every tie group replaced by its largest member; non-finite ones kept.
+
+    Two float computations of the same scores (the shared path and scikit-learn, or one
+    code on two CPUs) agree only to their rounding error, so scores equal in exact
+    arithmetic (every test image with the same neighbourhood when k >= n_train, duplicated
+    images, a kernel covering all or no training points) would otherwise be ordered by
+    rounding noise. Sorted finite scores whose consecutive gap is at most
+    ``rtol * max(|a|, |b|)``, or which both lie within ``floor * scale`` of 0 (``scale``: the
+    largest finite ``|score|``), form one group: single linkage, so a chain of small gaps is
+    one group even where it spans more than ``rtol``. That is deliberate: scores tied in
+    exact arithmetic and each off by up to ``e`` lie within ``2e`` of each other in any
+    order, and only a rule that merges chains depends on the gaps alone (not on where a
+    group starts). Measured (README "Ties"): float64 reorderings differ by <= 2e-12 and
+    rounding-split ties by <= 1e-11, distinct scores come no closer than 1.3e-10, so
+    chains of distinct scores do not form. The band around 0 is for scores that are 0 in
+    exact arithmetic: a distance of 0 from a Gram, ``sqrt(|a|^2 + |b|^2 - 2 a.b)``, comes
+    out anywhere up to ``sqrt(eps) * |a|`` (measured 1.3e-7 of the scale), far above
+    ``rtol`` of itself; scores that small are 0 to the score set's precision.
+
+    Each group's largest member represents it, so for a threshold ``t`` taken from these
+    scores ``raw > t`` and ``tie_safe > t`` agree: the stored threshold stays an actual
+    score and comparing raw scores with it gives the stored counts. Ranks (AUROC, AP) only
+    see the groups. ``NaN`` and ``±inf`` are left as they are (:func:`ranking_scores` places
+    them, after this).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    out = scores.copy()
+    finite = np.isfinite(scores)
+    values = scores[finite]
+    if values.size < 2:
+        return out
+    order = np.argsort(values, kind="stable")
+    s = values[order]
+    scale = max(abs(s[0]), abs(s[-1]))
+    larger = np.maximum(np.abs(s[1:]), np.abs(s[:-1]))
+    new_group = (np.diff(s) > rtol * larger) & (larger > floor * scale)
+    group = np.concatenate([[0], np.cumsum(new_group)])
+    last = np.flatnonzero(np.r_[new_group, True])  # each group's largest member
+    merged = np.empty_like(values)
+    merged[order] = s[last][group]
+    out[finite] = merged
+    return out
+
+
+def ranking_metrics(y: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
+    """``auroc`` and ``average_precision`` of tie-safe scores (ties count half), non-finite
+    scores placed by :func:`ranking_scores`; ``None`` when the test set has one class."""
+    y = np.asarray(y, dtype=bool)
+    if not 0 < y.sum() < y.size:
+        return {"auroc": None, "average_precision": None}
+    ranked = ranking_scores(tie_safe_scores(scores))
+    return {
+        "auroc": float(roc_auc_score(y, ranked)),
+        "average_precision": float(average_precision_score(y, ranked)),
+    }
 
 
 def predict(scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -125,8 +200,16 @@ def threshold_metrics(
 ) -> dict[str, float | int | None]:
     """``<field>_honest`` and ``<field>_oracle`` for every field of ``THRESHOLD_FIELDS``.
 
-    The honest ones are ``None`` without training scores.
+    The honest ones are ``None`` without training scores. Test and training scores are
+    made tie-safe together (:func:`tie_safe_scores`), so a test score tied with the honest
+    threshold is not above it, and each threshold is the largest score of its tie group.
     """
+    scores = np.asarray(scores, dtype=np.float64)
+    if train_scores is not None and len(train_scores):
+        both = tie_safe_scores(np.concatenate([scores, np.asarray(train_scores, np.float64)]))
+        scores, train_scores = both[: len(scores)], both[len(scores) :]
+    else:
+        scores = tie_safe_scores(scores)
     out: dict[str, float | int | None] = {}
     thresholds = {"oracle": oracle_threshold(y, scores)}
     if train_scores is not None and len(train_scores):

@@ -5,9 +5,11 @@ Tables:
 * ``experiments``: one row per experiment, unique on ``key`` (hash of the canonical config
   and the feature set's content hash), one typed, indexed column per config field, the
   matrix shape, the final status (done, failed, crashed, timeout) and the metrics: AUROC,
-  average precision, and F1/precision/recall/accuracy/TP/FP/TN/FN at two thresholds,
-  ``*_honest`` (a quantile ``threshold_quantile`` of the training scores, no test label
-  used) and ``*_oracle`` (the test set's max-F1 threshold, an upper bound); see
+  average precision, and F1/precision/recall/accuracy/TP/FP/TN/FN at three thresholds,
+  ``*_honest`` (a quantile ``threshold_quantile`` of the training images' out-of-fold
+  scores, ``threshold_folds`` folds, no test label used), ``*_insample`` (the same quantile
+  of their in-sample scores) and ``*_oracle`` (the test set's max-F1 threshold, an upper
+  bound); see
   ``stages.metrics``. An image is predicted anomalous iff its score > the threshold.
 * ``images``: one row per test image of a category (shared by all its experiments).
 * ``scores``: the per-image test score of every done experiment (NULL where the score was
@@ -58,6 +60,7 @@ from stages.metrics import THRESHOLD_FIELDS, THRESHOLD_KINDS
 STATUSES = ("done", "failed", "crashed", "timeout")
 THRESHOLD_COLUMNS = (
     "threshold_quantile",
+    "threshold_folds",
     *(f"{name}_{kind}" for kind in THRESHOLD_KINDS for name in THRESHOLD_FIELDS),
 )
 FINAL_NOT_DONE = ("failed", "crashed", "timeout")
@@ -105,6 +108,8 @@ class Experiment(Base):
     n_neginf: Mapped[int | None] = mapped_column(Integer)
     # Threshold metrics (done only); predicted anomalous iff score > threshold.
     threshold_quantile: Mapped[float | None] = mapped_column(Float)
+    # folds of the out-of-fold honest threshold (NULL: written before it existed, in-sample)
+    threshold_folds: Mapped[int | None] = mapped_column(Integer)
     threshold_honest: Mapped[float | None] = mapped_column(Float)
     f1_honest: Mapped[float | None] = mapped_column(Float)
     precision_honest: Mapped[float | None] = mapped_column(Float)
@@ -123,6 +128,15 @@ class Experiment(Base):
     fp_oracle: Mapped[int | None] = mapped_column(Integer)
     tn_oracle: Mapped[int | None] = mapped_column(Integer)
     fn_oracle: Mapped[int | None] = mapped_column(Integer)
+    threshold_insample: Mapped[float | None] = mapped_column(Float)
+    f1_insample: Mapped[float | None] = mapped_column(Float)
+    precision_insample: Mapped[float | None] = mapped_column(Float)
+    recall_insample: Mapped[float | None] = mapped_column(Float)
+    accuracy_insample: Mapped[float | None] = mapped_column(Float)
+    tp_insample: Mapped[int | None] = mapped_column(Integer)
+    fp_insample: Mapped[int | None] = mapped_column(Integer)
+    tn_insample: Mapped[int | None] = mapped_column(Integer)
+    fn_insample: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -299,12 +313,16 @@ def _check_schema(engine: Engine, url: str) -> None:
                             "an older evaluate stage); rerun the evaluate stage")  # fmt: skip
 
 
-def threshold_quantiles(engine: Engine, keys: Iterable[str]) -> dict[str, float | None]:
-    """``key -> threshold_quantile`` of stored done experiments among ``keys``."""
+def threshold_settings(
+    engine: Engine, keys: Iterable[str]
+) -> dict[str, tuple[float | None, int | None]]:
+    """``key -> (threshold_quantile, threshold_folds)`` of stored done experiments among
+    ``keys``: what their honest threshold was computed with."""
     wanted = set(keys)
-    query = select(Experiment.key, Experiment.threshold_quantile).where(Experiment.status == "done")
+    query = select(Experiment.key, Experiment.threshold_quantile,
+                   Experiment.threshold_folds).where(Experiment.status == "done")  # fmt: skip
     with Session(engine) as session:
-        return {k: q for k, q in session.execute(query) if k in wanted}
+        return {k: (q, f) for k, q, f in session.execute(query) if k in wanted}
 
 
 def statuses(engine: Engine, keys: Iterable[str] | None = None) -> dict[str, str]:

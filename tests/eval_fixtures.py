@@ -152,24 +152,3 @@ def gamma_rows(seed: int) -> dict[str, Any]:
         "test": index[N_ORIG + N_AUG :],
         "train": {False: index[:N_ORIG], True: index[: N_ORIG + N_AUG]},
     }
-
-
-def tie_safe_auroc(y: np.ndarray, scores: np.ndarray, rtol: float = 1e-9) -> float:
-    """AUROC where scores equal within ``rtol`` (relative) are ties, counted half.
-
-    Two float computations of the same scores that differ in summation order (a shared
-    path and scikit-learn) agree to a few ulps, but exact ties (every test image with the
-    same neighbourhood when k >= n_train) then break by rounding noise, which depends on
-    the CPU's BLAS kernel. Chains of near-equal sorted scores collapse to one value.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    from stages.metrics import ranking_scores
-
-    s = ranking_scores(scores)
-    order = np.argsort(s, kind="stable")
-    sorted_s = s[order]
-    gaps = np.diff(sorted_s) > rtol * np.maximum(np.abs(sorted_s[1:]), np.abs(sorted_s[:-1]))
-    groups = np.empty(len(s))
-    groups[order] = np.concatenate([[0], np.cumsum(gaps)])
-    return float(roc_auc_score(y, groups))

@@ -26,6 +26,8 @@ from stages.methods import (
     expand_detectors,
 )
 from stages.methods.pca_reconstruction import NOISE
+from stages.methods.unit import fold_assignment, image_groups
+from stages.metrics import ranking_metrics
 from tests.eval_fixtures import (
     N_AUG,
     N_ORIG,
@@ -33,7 +35,6 @@ from tests.eval_fixtures import (
     gamma_rows,
     grid_of,
     study_detectors,
-    tie_safe_auroc,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +181,7 @@ def test_shared_quantities_are_computed_once_and_sized_for_every_family(rows: di
 @pytest.mark.parametrize("augmented", [False, True])
 def test_course_baselines_agree_with_plain_sklearn(rows: dict, augmented: bool):
     """Test and in-sample training scores of every course config against scikit-learn
-    written directly; AUROCs equal with near-ties (a few ulps) as ties."""
+    written directly; AUROCs equal under the tie rule (scores within rounding are ties)."""
     configs = [c for c in expand_detectors(grid_of("params.yaml")) if c.family in COURSE]
     data = unit_data(rows, configs)
     X, seed = rows["X"], 5
@@ -202,7 +203,7 @@ def test_course_baselines_agree_with_plain_sklearn(rows: dict, augmented: bool):
             np.testing.assert_allclose(ours, theirs, rtol=1e-6,
                                        atol=atol, err_msg=config.name)  # fmt: skip
             y = rows["labels"]
-            assert tie_safe_auroc(y, outcome.scores) == tie_safe_auroc(y, theirs[:N_TEST])
+            assert ranking_metrics(y, outcome.scores) == ranking_metrics(y, theirs[:N_TEST])
             # and the family's own plain reference (what evaluate.shared: false runs)
             ref = FAMILIES[family].reference_one(X_tr, X[rows["test"]], config, seed)
             np.testing.assert_allclose(outcome.scores, ref.scores, rtol=1e-6,
@@ -243,3 +244,39 @@ def test_a_family_may_return_one_score_map_per_test_image(rows: dict):
         unit_data(rows, [knn]), True, [knn], 0
     )
     assert plain_outcome.maps is None
+
+
+def test_folds_keep_an_original_with_its_copies_and_are_seeded():
+    ids = [f"train/good/{i:03d}" for i in range(23)]
+    ids += [f"{i}@{t}" for t in ("rot90", "hflip") for i in ids[:23]]
+    groups = image_groups(ids)
+    folds = fold_assignment(groups, 5, seed=3)
+    for original in ids[:23]:  # every copy sits in its original's fold
+        assert len({folds[j] for j, g in enumerate(groups) if g == original}) == 1
+    sizes = np.bincount(folds[:23])
+    assert len(sizes) == 5 and sizes.max() - sizes.min() <= 1
+    assert np.array_equal(folds, fold_assignment(groups, 5, seed=3))
+    assert not np.array_equal(folds, fold_assignment(groups, 5, seed=4))
+    assert fold_assignment(groups[:1], 5, seed=0) is None  # one image: nothing to hold out
+    assert fold_assignment(groups[:3], 5, seed=0).max() == 2  # fewer images than folds
+
+
+def test_a_fold_is_scored_by_a_model_that_did_not_see_it(rows: dict):
+    """Fold keys of UnitData: the shared path on a fold equals the plain estimator fitted
+    on the other folds and scoring the held-out rows."""
+    config = DetectorConfig("KNNDistance", (("aggregate", "mean"), ("n_neighbors", 3)))
+    data = unit_data(rows, [config])
+    train = rows["train"][True]
+    keys = data.add_folds(True, image_groups([str(i % N_ORIG) for i in range(len(train))]), 4, 0)
+    assert len(keys) == 4
+    seen = np.zeros(len(train), dtype=int)
+    for key in keys:
+        held, rest = data.queries(key), data.train[key]
+        assert not set(held) & set(rest) and len(held) + len(rest) == len(train)
+        seen[np.searchsorted(train, held)] += 1
+        (outcome,) = FAMILIES["KNNDistance"].shared_outcomes(data, key, [config], 0)
+        assert len(outcome.scores) == len(held) and len(outcome.train_scores) == 0
+        X = rows["X"]
+        ref = FAMILIES["KNNDistance"].reference_one(X[rest], X[held], config, 0)
+        np.testing.assert_allclose(outcome.scores, ref.scores, rtol=1e-9)
+    assert np.all(seen == 1)  # every training row held out exactly once

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import sqlite3
 import subprocess
@@ -32,6 +33,7 @@ from stages.engine import EngineParams, dask_client
 from stages.errors import UserError
 from stages.evaluate import evaluate
 from stages.features import load_feature_set
+from stages.methods.unit import fold_assignment, image_groups
 from stages.metrics import (
     CONFIG_FIELDS,
     category_ranks,
@@ -272,47 +274,49 @@ def test_seed_spread_section_and_metrics(tmp_path, client):
 
 
 def test_stored_threshold_metrics_match_sklearn(run):
+    """Honest: the quantile of out-of-fold training scores, each from a KernelDensity fitted
+    on the other folds (5 folds of the experiment's seed, copies with their original);
+    in-sample: of the fitted model's own training scores; both as plain scikit-learn gives
+    them; F1 & co. at each as scikit-learn's metrics count them."""
     _, root, _ = run
     listing = json.loads((root / "features" / "feature_sets.json").read_text())
     folders = {(e["category"], e["layer"]): e["folder"] for e in listing}
-    rows = _sql(root, "select key, category, augmented, layer, hyperparams, threshold_honest, "
-                      "f1_honest, precision_honest, recall_honest, accuracy_honest, tp_honest, "
-                      "fp_honest, tn_honest, fn_honest, threshold_oracle, f1_oracle "
-                      "from experiments where detector='KernelDensity' and status='done'")  # fmt: skip
+    kinds = ("honest", "insample")
+    fields = ("threshold", "f1", "precision", "recall", "accuracy", "tp", "fp", "tn", "fn")
+    columns = ", ".join(f"{f}_{k}" for k in kinds for f in fields)
+    rows = _sql(root, f"select key, category, augmented, layer, hyperparams, seed, "
+                      f"threshold_folds, threshold_oracle, f1_oracle, {columns} from experiments "
+                      "where detector='KernelDensity' and status='done'")  # fmt: skip
     assert len(rows) == 24
-    for (
-        key,
-        category,
-        aug,
-        layer,
-        hyper,
-        t,
-        f1,
-        prec,
-        rec,
-        acc,
-        tp,
-        fp,
-        tn,
-        fn,
-        t_or,
-        f1_or,
-    ) in rows:
+    for key, category, aug, layer, hyper, seed, folds, t_or, f1_or, *values in rows:
+        assert folds == 5
         fs = load_feature_set(folders[(category, layer)])
-        X_train = fs.X[fs.rows("train", bool(aug))]
+        train = fs.rows("train", bool(aug))
+        X_train = fs.X[train]
         test = fs.rows("test")
         ids, y = fs.image_id[test], fs.is_anomaly[test].astype(bool)
-        model = KernelDensity(**json.loads(hyper)).fit(X_train)
-        threshold = np.quantile(-model.score_samples(X_train), 0.99, method="inverted_cdf")
-        assert t == pytest.approx(threshold, rel=1e-9)
+        params = json.loads(hyper)
+        in_sample = -KernelDensity(**params).fit(X_train).score_samples(X_train)
+        fold = fold_assignment(image_groups(fs.image_id[train]), 5, seed)
+        oof = np.empty(len(X_train))
+        for k in range(fold.max() + 1):
+            model = KernelDensity(**params).fit(X_train[fold != k])
+            oof[fold == k] = -model.score_samples(X_train[fold == k])
         stored = scores_of(_engine(root), key)
         scores = np.array([stored[i] for i in ids], dtype=float)
-        pred = scores > t
-        assert f1 == pytest.approx(f1_score(y, pred, zero_division=0))
-        assert prec == pytest.approx(precision_score(y, pred, zero_division=0))
-        assert rec == pytest.approx(recall_score(y, pred, zero_division=0))
-        assert acc == pytest.approx(accuracy_score(y, pred))
-        assert [tn, fp, fn, tp] == confusion_matrix(y, pred, labels=[False, True]).ravel().tolist()
+        for n, train_scores in enumerate((oof, in_sample)):
+            t, f1, prec, rec, acc, tp, fp, tn, fn = values[9 * n : 9 * n + 9]
+            threshold = np.quantile(train_scores, 0.99, method="inverted_cdf")
+            assert t == pytest.approx(threshold, rel=1e-9), kinds[n]
+            pred = scores > t
+            assert f1 == pytest.approx(f1_score(y, pred, zero_division=0))
+            assert prec == pytest.approx(precision_score(y, pred, zero_division=0))
+            assert rec == pytest.approx(recall_score(y, pred, zero_division=0))
+            assert acc == pytest.approx(accuracy_score(y, pred))
+            assert [tn, fp, fn, tp] == confusion_matrix(
+                y, pred, labels=[False, True]
+            ).ravel().tolist()
+        assert values[0] >= values[9]  # out of fold, the training images look less familiar
         brute = max(f1_score(y, scores > c, zero_division=0) for c in [-np.inf, *scores])
         assert f1_or == pytest.approx(brute)
         assert f1_score(y, scores > t_or, zero_division=0) == pytest.approx(f1_or)
@@ -353,6 +357,25 @@ def test_changed_threshold_quantile_reruns_done_experiments(tmp_path, client):
     rows = _md_rows((tmp_path / "results" / "report.md").read_text(), "Table 4")
     assert rows[0][3] == NEEDS_TWO and rows[-1][3] == NEEDS_TWO
     assert "Not available" in (tmp_path / "results" / "report.md").read_text()  # no stats.json
+
+
+def test_rows_stored_before_out_of_fold_thresholds_are_brought_to_them(tmp_path, client, caplog):
+    """A database whose done rows have in-sample honest thresholds (no threshold_folds, as
+    written before out-of-fold scores existed): the next evaluate reruns exactly those,
+    says how many, and then has nothing to do."""
+    params = make_workspace(tmp_path, categories={"screw": []}, extractors=EXTRACTORS[:1],
+                            evaluate={"detectors": DETECTORS[:1]})  # fmt: skip
+    assert evaluate(params, client=client)["ran"] == 3
+    with sqlite3.connect(tmp_path / "results" / "results.sqlite") as con:
+        con.execute("update experiments set threshold_folds = null, "
+                    "threshold_honest = threshold_insample where key in "
+                    "(select key from experiments order by key limit 2)")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="stages.evaluate"):
+        assert evaluate(params, client=client)["ran"] == 2
+    assert "2 done experiments have an honest threshold not from 5-fold out-of-fold scores " \
+           "(2 from in-sample scores" in caplog.text  # fmt: skip
+    assert {f for (f,) in _sql(tmp_path, "select threshold_folds from experiments")} == {5}
+    assert evaluate(params, client=client)["ran"] == 0
 
 
 # --- honest selection ------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
@@ -78,6 +78,8 @@ class Outcome:
     (n_test, H, W) from families that localise; ``None`` for image-level families.
     ``group_s``/``group_size``: the family call that served the config, its own measured
     seconds and how many configs it served (``None``: a per-config fit, ``fit_s + score_s``).
+    ``oof_scores``: every training row scored by the model of the fold that held it out
+    (k-fold, ``evaluate.threshold_folds``): the honest threshold's input.
     """
 
     scores: np.ndarray | None
@@ -88,6 +90,7 @@ class Outcome:
     maps: np.ndarray | None = None
     group_s: float | None = None
     group_size: int | None = None
+    oof_scores: np.ndarray | None = None  # training rows scored by models that did not see them
 
 
 @dataclass
@@ -179,16 +182,19 @@ class Family:
         (the kNN depth, the PCA components, the raw rows), so each is computed once."""
 
     def shared(
-        self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int
+        self, data: UnitData, split: Hashable, configs: Sequence[DetectorConfig], seed: int
     ) -> list[Scored | np.ndarray | BaseException]:
-        """Scores of ``data.queries(augmented)`` for every config, or the exception of a
-        config that failed (the others stand)."""
+        """Scores of ``data.queries(split)`` for every config, or the exception of a
+        config that failed (the others stand). ``split`` names the training set: an
+        augmentation choice, or a fold of one (``UnitData.add_folds``); everything is
+        read through it (``data.train[split]``, ``data.knn(split)``, ...)."""
         raise NotImplementedError(f"{self.name} has no shared path")
 
     def shared_outcomes(
-        self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int
+        self, data: UnitData, split: Hashable, configs: Sequence[DetectorConfig], seed: int
     ) -> list[Outcome]:
-        """One ``Outcome`` per config: test scores and in-sample training scores in one call.
+        """One ``Outcome`` per config: the out-of-sample scores (``scores``: the test rows, or
+        a fold's held-out rows) and the in-sample training scores, from one call.
 
         The call's own seconds (less the shared quantities it was first to compute: the
         caller splits those over every experiment that used them) are ``group_s``, and
@@ -196,15 +202,15 @@ class Family:
         computation).
         """
         t0, before = time.perf_counter(), set(data.seconds)
-        n_test = len(data.test)
-        n_bad = data.n_nonfinite(augmented) if self.needs_finite else 0
+        n_test = data.n_scored(split)
+        n_bad = data.n_nonfinite(split) if self.needs_finite else 0
         if n_bad:
             results: list[Any] = [ValueError(nonfinite_error(n_bad))] * len(configs)
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
-                    results = list(self.shared(data, augmented, configs, seed))
+                    results = list(self.shared(data, split, configs, seed))
                 except Exception as exc:  # the whole group failed: each config records why
                     results = [exc] * len(configs)
         own = time.perf_counter() - t0
@@ -291,10 +297,10 @@ class PCAFamily(Family):
         needs.reserve(pca=max(self.hyperparams(c).pca_components for c in configs))
 
     def shared(
-        self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int
+        self, data: UnitData, split: Hashable, configs: Sequence[DetectorConfig], seed: int
     ) -> list[Scored | np.ndarray | BaseException]:
-        pca = data.pca(augmented)
-        n, d = len(data.train[augmented]), data.n_features
+        pca = data.pca(split)
+        n, d = len(data.train[split]), data.n_features
         out: list[Scored | np.ndarray | BaseException] = []
         for config in configs:
             k = capped(self.hyperparams(config).pca_components, n - 1, d)

@@ -10,7 +10,7 @@ Cholesky per covariance (same supports and scores), on one BLAS thread.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,10 +62,10 @@ class EllipticEnvelopeFamily(PCAFamily):
                                    random_state=seed)  # fmt: skip
 
     def shared(
-        self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int
+        self, data: UnitData, split: Hashable, configs: Sequence[DetectorConfig], seed: int
     ) -> list[np.ndarray | BaseException]:
-        pca = data.pca(augmented)
-        n, d = len(data.train[augmented]), data.n_features
+        pca = data.pca(split)
+        n, d = len(data.train[split]), data.n_features
         done: dict[tuple, np.ndarray | BaseException] = {}  # equal (k, params) after capping
         out: list[np.ndarray | BaseException] = []
         for config in configs:

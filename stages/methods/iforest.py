@@ -9,7 +9,7 @@ the raw rows (the unit's Gram does not help it) and accepts NaN, as scikit-learn
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -41,7 +41,7 @@ class IsolationForestFamily(SklearnFamily):
         needs.reserve(raw=True)
 
     def shared(
-        self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int
+        self, data: UnitData, split: Hashable, configs: Sequence[DetectorConfig], seed: int
     ) -> list[np.ndarray | BaseException]:
         """One forest per set of non-size hyperparameters, scored by its tree prefixes."""
         forests: dict[tuple, list[int]] = {}
@@ -53,8 +53,8 @@ class IsolationForestFamily(SklearnFamily):
             sizes = [self.hyperparams(configs[i]).n_estimators for i in members]
             try:
                 by_size = iforest_scores(data.raw, data.raw, sizes, seed,
-                                         train_rows=data.train[augmented],
-                                         test_rows=data.queries(augmented), **dict(rest))  # fmt: skip
+                                         train_rows=data.train[split],
+                                         test_rows=data.queries(split), **dict(rest))  # fmt: skip
             except Exception as exc:  # e.g. max_features > dim: fails at fit, as in sklearn
                 by_size = dict.fromkeys(sizes, exc)
             for i, n in zip(members, sizes, strict=True):

@@ -10,7 +10,7 @@ unaffected). The plain reference is scikit-learn's ``KernelDensity``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -37,10 +37,10 @@ class KernelDensityFamily(SklearnFamily):
         return self.hyperparams(config).metric == "euclidean"
 
     def shared(
-        self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int
+        self, data: UnitData, split: Hashable, configs: Sequence[DetectorConfig], seed: int
     ) -> list[np.ndarray | BaseException]:
-        kde = KdeDistances(data.sq_dists(augmented))
-        n, d = len(data.train[augmented]), data.n_features
+        kde = KdeDistances(data.sq_dists(split))
+        n, d = len(data.train[split]), data.n_features
         out: list[np.ndarray | BaseException] = []
         for config in configs:
             p = self.hyperparams(config)

@@ -12,7 +12,7 @@ both spaces). A query's squared distance to a centroid adds what lies outside th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -62,9 +62,9 @@ class KMeansDistanceFamily(Family):
         needs.reserve(pca=ALL)
 
     def shared(
-        self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int
+        self, data: UnitData, split: Hashable, configs: Sequence[DetectorConfig], seed: int
     ) -> list[np.ndarray | BaseException]:
-        pca = data.pca(augmented)
+        pca = data.pca(split)
         z_train, z_queries = pca.z_train, pca.z_queries
         outside = np.maximum(pca.centred_sq - np.einsum("ij,ij->i", z_queries, z_queries), 0.0)
         scale = z_train.shape[1] / data.n_features

@@ -9,7 +9,7 @@ rounded to float32, as scikit-learn returns them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -56,10 +56,10 @@ class KNNDistanceFamily(Family):
         needs.reserve(knn=max(self.hyperparams(c).n_neighbors for c in configs))
 
     def shared(
-        self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int
+        self, data: UnitData, split: Hashable, configs: Sequence[DetectorConfig], seed: int
     ) -> list[np.ndarray]:
-        dist = data.knn(augmented).query_dist.astype(data.dtype).astype(np.float64)
-        n = len(data.train[augmented])
+        dist = data.knn(split).query_dist.astype(data.dtype).astype(np.float64)
+        n = len(data.train[split])
         out = []
         for config in configs:
             p = self.hyperparams(config)

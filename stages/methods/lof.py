@@ -8,7 +8,7 @@ arithmetic, as scikit-learn's own distance computation returns them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -40,10 +40,10 @@ class LocalOutlierFactorFamily(Family):
         needs.reserve(knn=max(self.hyperparams(c).n_neighbors for c in configs))
 
     def shared(
-        self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int
+        self, data: UnitData, split: Hashable, configs: Sequence[DetectorConfig], seed: int
     ) -> list[np.ndarray]:
-        table = data.knn(augmented)
-        n = len(data.train[augmented])
+        table = data.knn(split)
+        n = len(data.train[split])
         ks = [self.hyperparams(c).n_neighbors for c in configs]
         by_k = lof_from_table(table.fit_dist, table.fit_idx, table.query_dist, table.query_idx,
                               n, ks, data.dtype)  # fmt: skip

@@ -9,7 +9,7 @@ estimator; with the study's ``max_iter=1000`` cap the stopping iterate can depen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -42,9 +42,9 @@ class OneClassSVMFamily(SklearnFamily):
     estimator_class = OneClassSVM
 
     def shared(
-        self, data: UnitData, augmented: bool, configs: Sequence[DetectorConfig], seed: int
+        self, data: UnitData, split: Hashable, configs: Sequence[DetectorConfig], seed: int
     ) -> list[np.ndarray | BaseException]:
-        gram, train, queries = data.gram, data.train[augmented], data.queries(augmented)
+        gram, train, queries = data.gram, data.train[split], data.queries(split)
         K_tr, K_q = gram.K[np.ix_(train, train)], gram.K[np.ix_(queries, train)]
         sq = np.diagonal(gram.K)
         x_var = gram.var(train)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,6 +244,25 @@ def _sorted_neighbours(d: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(d, order, axis=1), order
 
 
+def image_groups(image_ids: Iterable[str]) -> np.ndarray:
+    """The original image of each row: an augmented copy ``<id>@<transform>`` belongs to
+    ``<id>``, so it shares its original's fold."""
+    return np.array([str(i).split("@", 1)[0] for i in image_ids])
+
+
+def fold_assignment(groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray | None:
+    """Fold index per row for a seeded k-fold over groups (a group's rows share a fold);
+    ``min(n_folds, groups)`` folds of sizes within one group of each other; ``None`` when
+    fewer than two groups. The same groups and seed give the same folds on every path."""
+    labels, group_of = np.unique(np.asarray(groups), return_inverse=True)
+    k = min(int(n_folds), len(labels))
+    if k < 2:
+        return None
+    fold_of_group = np.empty(len(labels), dtype=np.int64)
+    fold_of_group[np.random.default_rng(seed).permutation(len(labels))] = np.arange(len(labels)) % k
+    return fold_of_group[group_of]
+
+
 # ------------------------------------------------------------------------------ the unit data
 @dataclass
 class Needs:
@@ -284,7 +303,11 @@ class UnitData:
         if raw is None and blocks is None:
             raise ValueError("UnitData needs the raw rows or a block source for the Gram")
         self.test = np.asarray(test, dtype=np.int64)
-        self.train = {bool(a): np.asarray(r, dtype=np.int64) for a, r in train.items()}
+        # training rows per split key: ``augmented`` (bool), or a fold key (``add_folds``)
+        self.train: dict[Hashable, np.ndarray] = {
+            bool(a): np.asarray(r, dtype=np.int64) for a, r in train.items()
+        }
+        self._heldout: dict[Hashable, np.ndarray] = {}  # fold key -> its held-out rows
         self.needs = needs or Needs()
         self._raw = raw
         self._blocks = blocks
@@ -336,9 +359,36 @@ class UnitData:
     def n_features(self) -> int:
         return self._raw.shape[1] if self._raw is not None else self.gram.n_features
 
-    def queries(self, augmented: bool) -> np.ndarray:
-        """Rows scored by one call: the test rows, then the training rows (in-sample)."""
-        return np.concatenate([self.test, self.train[augmented]])
+    def queries(self, key: Hashable) -> np.ndarray:
+        """Rows scored by one call. An augmentation choice: the test rows, then its training
+        rows (in-sample); a fold: its held-out training rows only."""
+        if key in self._heldout:
+            return self._heldout[key]
+        return np.concatenate([self.test, self.train[key]])
+
+    def n_scored(self, key: Hashable) -> int:
+        """How many leading queries are scored out of sample (the rest: in-sample)."""
+        return len(self._heldout[key]) if key in self._heldout else len(self.test)
+
+    def add_folds(
+        self, augmented: bool, groups: np.ndarray, n_folds: int, seed: int
+    ) -> list[tuple]:
+        """Split one training set into ``n_folds`` folds, seeded; rows of one group (an
+        original image and its augmented copies) stay in one fold. Returns the fold keys:
+        each trains on the other folds and scores its own rows. Fewer folds when there
+        are fewer groups; none with a single group."""
+        train = self.train[augmented]
+        fold = fold_assignment(groups, n_folds, seed)
+        if fold is None:
+            return []
+        k = int(fold.max()) + 1
+        keys = []
+        for i in range(k):
+            key = ("fold", bool(augmented), int(seed), k, i)
+            self.train[key] = train[fold != i]
+            self._heldout[key] = train[fold == i]
+            keys.append(key)
+        return keys
 
     def finite(self) -> np.ndarray:
         """Per row: all features finite (a NaN/inf feature makes the Gram's K_ii non-finite)."""
@@ -350,7 +400,7 @@ class UnitData:
 
         return self._cached("finite", compute)
 
-    def n_nonfinite(self, augmented: bool) -> int:
+    def n_nonfinite(self, augmented: Hashable) -> int:
         """How many of the call's query rows have a non-finite feature."""
         return int((~self.finite()[self.queries(augmented)]).sum())
 
@@ -360,21 +410,25 @@ class UnitData:
         source: Source = self._raw if self._raw is not None else self._blocks  # type: ignore[assignment]
         return self._cached("gram", lambda: gram_blockwise(source))
 
-    def sq_dists(self, augmented: bool) -> np.ndarray:
+    def sq_dists(self, augmented: Hashable) -> np.ndarray:
         """Squared distances (n_queries, n_train) from the Gram, clipped at 0."""
         return self._cached(
             f"sq_dists[{augmented}]",
             lambda: self.gram.sq_dists(self.queries(augmented), self.train[augmented]),
         )
 
-    def knn(self, augmented: bool) -> KnnTable:
+    def knn(self, augmented: Hashable) -> KnnTable:
         """The sorted kNN table of one training set, ``Needs.knn`` deep (capped by its size)."""
 
         def compute() -> KnnTable:
             n = len(self.train[augmented])
             depth = max(1, self.needs.knn)
             dist = np.sqrt(self.sq_dists(augmented))
-            fit = dist[len(self.test) :].copy()
+            if augmented in self._heldout:  # a fold's queries are not its training rows
+                train = self.train[augmented]
+                fit = np.sqrt(self.gram.sq_dists(train, train))
+            else:
+                fit = dist[len(self.test) :].copy()
             np.fill_diagonal(fit, np.inf)
             fit_dist, fit_idx = _sorted_neighbours(fit, min(depth, max(n - 1, 1)))
             query_dist, query_idx = _sorted_neighbours(dist, min(depth, n))
@@ -382,7 +436,7 @@ class UnitData:
 
         return self._cached(f"knn[{augmented}]", compute)
 
-    def pca(self, augmented: bool) -> Projection:
+    def pca(self, augmented: Hashable) -> Projection:
         """Projections on the top ``Needs.pca`` principal components of one training set."""
 
         def compute() -> Projection:
