@@ -1,14 +1,23 @@
-"""Benchmark: plain per-config scikit-learn against the shared evaluator (stages/shared.py).
+"""Benchmark: plain per-config scikit-learn against the shared evaluator (stages/methods/).
 
-"Ours" is the evaluate stage's own shared path: the unit's Gram (``gram_blockwise``) and,
-per (augmented, family) group, ``stages.evaluate.shared_outcomes``, which also scores the
-training rows in-sample (the honest threshold) and so does more work than the plain side.
-"Plain" fits the stage's per-config estimators (``evaluate.shared: false``) on the test rows.
+"Ours" is the evaluate stage's own shared path (``_shared_rows`` in stages/evaluate.py):
+every (augmented, family) group of the unit reserves what it needs (``Family.reserve``),
+one ``UnitData`` holds both augmentation choices, and each group is one
+``Family.shared_outcomes`` call, which also scores the training rows in-sample, plus one
+call per fold for their out-of-fold scores (the honest threshold; ``--threshold-folds``,
+5 as the stage's default), and so does more work than the plain side. A family's "ours" seconds are its
+group calls (less the shared quantities computed inside them) plus its share of every
+shared quantity it used (Gram, distances, kNN table, PCA basis), each split evenly over
+the experiments that used it, as the stage splits them. "Plain" fits the family's own
+per-config reference (``Family.estimator``, ``evaluate.shared: false``) on the raw
+features and scores the test rows.
 
-On the shared MVTec AD bottle category, ResNet18 with random init (``torch.manual_seed(0)``),
-layers 1-4 flattened, augmented and not. Prints, per family and in total, wall and CPU
-seconds, peak RSS, the speed ratio and the AUROC agreement, then projects the full study grid.
-Features are cached as .npy under /tmp/ood_bench_cache (never inside the repo).
+The configs are data: each family's come from params.yaml's ``evaluate.detectors`` (the
+study's 71 of params/study.yaml and the course baselines). On the shared MVTec AD bottle
+category, ResNet18 with random init (``torch.manual_seed(0)``), layers 1-4 flattened,
+augmented and not. Prints, per family and in total, wall and CPU seconds, peak RSS, the
+speed ratio and the AUROC agreement, then projects the full grid. Features are cached as
+.npy under /tmp/ood_bench_cache (never inside the repo).
 
     .venv/bin/python benchmarks/ood_speedup.py --layers layer4
 """
@@ -21,19 +30,24 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.detectors import FAMILIES as DETECTOR_FAMILIES
-from stages.detectors import STUDY_DETECTORS, DetectorConfig, expand_detectors
-from stages.evaluate import shared_outcomes
-from stages.shared import FAMILIES, gram_blockwise
+from stages.evaluate import _shared_oof
+from stages.methods import FAMILIES, DetectorConfig, Needs, UnitData, expand_detectors
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad" / "bottle"
+REPO = Path(__file__).resolve().parents[1]
+
+DATA = REPO.parent / "shared" / "data" / "mvtec_ad" / "bottle"
 CACHE = Path("/tmp/ood_bench_cache")
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 AUGMENTATIONS = ("rot90", "rot180", "rot270", "fliplr", "flipud")
@@ -204,14 +218,18 @@ class Cost:
         self.extrapolated |= other.extrapolated
 
 
-def plain_sklearn(
+def plain_reference(
     config: DetectorConfig, X_tr: np.ndarray, X_te: np.ndarray, seed: int
 ) -> np.ndarray:
-    """The study's way: the stage's per-config scikit-learn estimator on the raw features."""
+    """The study's way: the family's own per-config estimator on the raw features (NaN if it
+    fails, as a failed experiment has no scores)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = DETECTOR_FAMILIES[config.family].estimator(config.kwargs, seed).fit(X_tr)
-        return -model.score_samples(X_te)
+        try:
+            model = FAMILIES[config.family].estimator(config.kwargs, seed).fit(X_tr)
+            return -np.asarray(model.score_samples(X_te), dtype=np.float64)
+        except Exception:
+            return np.full(len(X_te), np.nan)
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -224,59 +242,188 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def config_weight(config: DetectorConfig) -> float:
     """Relative cost of a config inside its family, for extrapolating unmeasured configs."""
+    p = FAMILIES[config.family].hyperparams(config)
     if config.family == "IsolationForest":
-        return float(config.kwargs["n_estimators"])
+        return float(p.n_estimators)
     if config.family == "EllipticEnvelope":
-        return float(config.kwargs["pca_components"]) ** 2
+        return float(p.pca_components) ** 2
+    if config.family == "KMeansDistance":
+        return float(p.n_clusters)
     return 1.0
+
+
+# --- the grid: data only (params.yaml, params/study.yaml) ---------------------------------
+SELECTABLE = [name for name, family in FAMILIES.items() if not family.test_only]
+
+
+def grid_of(params_file: str) -> list[DetectorConfig]:
+    """The expanded ``evaluate.detectors`` of one of the repository's params files."""
+    raw = yaml.safe_load((REPO / params_file).read_text(encoding="utf-8"))
+    return expand_detectors(raw["evaluate"]["detectors"], section=f"{params_file}: evaluate.detectors")  # fmt: skip
+
+
+def load_grid() -> tuple[list[DetectorConfig], list[str]]:
+    """params.yaml's configs (the study's 71 and the course baselines) and the study's
+    families (params/study.yaml), checking that params.yaml holds every study config."""
+    configs, study = grid_of("params.yaml"), grid_of("params/study.yaml")
+    missing = [c.name for c in study if c not in set(configs)]
+    if missing:
+        raise SystemExit(f"params.yaml lacks {len(missing)} of the {len(study)} configs of "
+                         f"params/study.yaml, e.g. {missing[0]}")  # fmt: skip
+    families = list(dict.fromkeys(c.family for c in study))
+    print(f"grid: {len(configs)} configs in params.yaml, including all {len(study)} of "
+          f"params/study.yaml ({', '.join(families)})")  # fmt: skip
+    return configs, families
+
+
+# --- ours: the evaluate stage's shared path ------------------------------------------------
+class MeteredUnitData(UnitData):
+    """The stage's ``UnitData``, which also records each shared quantity's own CPU seconds
+    (nested quantities excluded, as ``seconds``). Bookkeeping only: same computation."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cpu_seconds: dict[str, float] = {}
+        self._cpu_stack: list[float] = []
+
+    def _cached(self, name: str, compute: Callable[[], Any]) -> Any:
+        def metered() -> Any:
+            t0 = time.process_time()
+            self._cpu_stack.append(0.0)
+            try:
+                return compute()
+            finally:
+                inner, elapsed = self._cpu_stack.pop(), time.process_time() - t0
+                self.cpu_seconds[name] = elapsed - inner
+                if self._cpu_stack:
+                    self._cpu_stack[-1] += elapsed
+
+        return super()._cached(name, metered)
+
+
+@dataclass
+class Shared:
+    """Ours for one unit: per family its group calls and its share of the shared quantities."""
+
+    calls: dict[str, Cost] = field(default_factory=dict)
+    share: dict[str, Cost] = field(default_factory=dict)
+    quantities: dict[str, Cost] = field(default_factory=dict)  # each one's own seconds
+    scores: dict[tuple[bool, DetectorConfig], np.ndarray] = field(default_factory=dict)
+    errors: dict[tuple[bool, DetectorConfig], str] = field(default_factory=dict)
+
+    def ours(self, family: str) -> Cost:
+        out = Cost()
+        out.merge(self.calls[family])
+        out.merge(self.share[family])
+        return out
+
+    def merge(self, other: Shared) -> None:
+        for mine, theirs in ((self.calls, other.calls), (self.share, other.share),
+                             (self.quantities, other.quantities)):  # fmt: skip
+            for name, cost in theirs.items():
+                mine.setdefault(name, Cost()).merge(cost)
+
+
+def run_shared(
+    X: np.ndarray,
+    test: np.ndarray,
+    trains: dict[bool, np.ndarray],
+    configs: list[DetectorConfig],
+    seed: int,
+    groups: np.ndarray | None = None,
+    folds: int = 0,
+) -> Shared:
+    """``_shared_rows`` of stages/evaluate.py on one unit (both augmentation choices)."""
+    fallback = [c.name for c in configs if not FAMILIES[c.family].shares(c)]
+    if fallback:
+        raise SystemExit(f"no shared path for {len(fallback)} configs, e.g. {fallback[0]}")
+    planned = [(augmented, c) for augmented in (False, True) for c in configs]
+    groups = [((augmented, family), [c for _, c in group])
+              for (augmented, family), group in groupby(planned, key=lambda p: (p[0], p[1].family))]  # fmt: skip
+    needs = Needs()
+    for (_, family), group in groups:
+        FAMILIES[family].reserve(needs, group)
+    if needs.raw:
+        data = MeteredUnitData(test, trains, needs, raw=X)
+    else:  # the stage streams the Gram from the shards: here from the cached rows
+        step = max(1, (64 << 20) // (X.shape[1] * X.itemsize))
+        data = MeteredUnitData(test, trains, needs,
+                               blocks=lambda: (X[i : i + step] for i in range(0, len(X), step)))  # fmt: skip
+    out = Shared()
+    done = []
+    for (augmented, family), group in groups:
+        before = set(data.seconds)
+        with Meter() as meter:
+            outcomes = FAMILIES[family].shared_outcomes(data, augmented, group, seed)
+            if folds:  # the honest threshold's out-of-fold scores, as the stage computes them
+                keys = data.add_folds(augmented, groups[trains[augmented]], folds, seed)
+                _shared_oof(FAMILIES[family], data, augmented, keys, group, seed, outcomes)
+        used = data.take_used()
+        inside = set(data.seconds) - before  # computed by this call: counted in their share
+        call = out.calls.setdefault(family, Cost())
+        call.wall += meter.wall - sum(data.seconds[n] for n in inside)
+        call.cpu += meter.cpu - sum(data.cpu_seconds[n] for n in inside)
+        call.peak_mb = max(call.peak_mb, meter.peak_mb)
+        call.measured += len(group)
+        call.total += len(group)
+        for config, outcome in zip(group, outcomes, strict=True):
+            if outcome.error is None:
+                out.scores[(augmented, config)] = outcome.scores
+            else:
+                out.scores[(augmented, config)] = np.full(len(test), np.nan)
+                out.errors[(augmented, config)] = outcome.error
+        done.append((family, len(group), used))
+    users: Counter[str] = Counter()
+    for _, n, used in done:
+        users.update(dict.fromkeys(used, n))
+    for family, n, used in done:
+        share = out.share.setdefault(family, Cost())
+        share.wall += n * sum(data.seconds.get(name, 0.0) / users[name] for name in used)
+        share.cpu += n * sum(data.cpu_seconds.get(name, 0.0) / users[name] for name in used)
+    for name, seconds in data.seconds.items():
+        out.quantities[name] = Cost(wall=seconds, cpu=data.cpu_seconds.get(name, 0.0))
+    return out
 
 
 def run_unit(
     X: np.ndarray,
     role: np.ndarray,
     label: np.ndarray,
-    families: list[str],
+    configs: list[DetectorConfig],
     seed: int,
     max_seconds: float,
-    n_jobs: int,
     progress,
-) -> tuple[dict, dict, dict, dict]:
-    """One layer, both augmentation choices: plain loop and shared evaluator."""
+    folds: int = 5,
+) -> tuple[dict[str, Cost], Shared, dict, dict]:
+    """One layer, both augmentation choices: the shared path, then the plain loops."""
     test = np.flatnonzero(role == "test")
     trains = {False: np.flatnonzero(role == "train"), True: np.flatnonzero(role != "test")}
     y = label[test]
-    configs = [c for c in expand_detectors(STUDY_DETECTORS) if c.family in families]
-    plain: dict[str, Cost] = {f: Cost() for f in families}
-    ours: dict[str, Cost] = {f: Cost() for f in (*families, "Gram")}
-    aucs: dict[tuple, tuple[float, float]] = {}
+    families = list(dict.fromkeys(c.family for c in configs))
     X_all = np.ascontiguousarray(X)
-    with Meter() as meter:
-        gram = gram_blockwise(X_all)
-        finite = np.isfinite(np.diagonal(gram.K))
-    ours["Gram"].add(meter)
+    # an augmented copy belongs to its original (rows: originals, then 5 x the originals)
+    n_orig = len(trains[False])
+    groups = np.where(
+        role == "test", np.arange(len(role)) + len(role), np.arange(len(role)) % n_orig
+    )
+    shared = run_shared(X_all, test, trains, configs, seed, groups, folds)
+    plain: dict[str, Cost] = {f: Cost() for f in families}
+    aucs: dict[tuple, tuple[float, float]] = {}
     for augmented, train in trains.items():
         X_tr, X_te = X_all[train], X_all[test]
         for family in families:
             fam = [c for c in configs if c.family == family]
-            with Meter() as meter:
-                outcomes = shared_outcomes(
-                    gram, train, test, fam, seed, raw=X_all, finite=finite, n_jobs=n_jobs
-                )
-                mine = {c: o.scores if o.error is None else np.full(len(test), np.nan)
-                        for c, o in zip(fam, outcomes, strict=True)}  # fmt: skip
-            ours[family].add(meter)
-            ours[family].measured += len(fam)
-            ours[family].total += len(fam)
             cost, done_weight = Cost(), 0.0
             for config in fam:
                 if cost.wall > max_seconds:
                     break
                 with Meter() as meter:
-                    theirs = plain_sklearn(config, X_tr, X_te, seed)
+                    theirs = plain_reference(config, X_tr, X_te, seed)
                 cost.add(meter)
                 cost.measured += 1
                 done_weight += config_weight(config)
-                aucs[(augmented, config)] = (auroc(y, mine[config]), auroc(y, theirs))
+                aucs[(augmented, config)] = (auroc(y, shared.scores[(augmented, config)]),
+                                             auroc(y, theirs))  # fmt: skip
                 progress.update(1)
             cost.total = len(fam)
             if cost.measured < cost.total:
@@ -286,31 +433,34 @@ def run_unit(
                 cost.extrapolated = True
                 progress.update(cost.total - cost.measured)
             plain[family].merge(cost)
-    return plain, ours, aucs, {"n": {k: len(v) for k, v in trains.items()}, "dim": X.shape[1]}
+    return plain, shared, aucs, {"n": {k: len(v) for k, v in trains.items()}, "dim": X.shape[1]}
 
 
-def print_table(plain: dict[str, Cost], ours: dict[str, Cost], aucs: dict) -> None:
-    gram = ours["Gram"]
+def print_table(plain: dict[str, Cost], shared: Shared, aucs: dict, study: list[str]) -> None:
+    """Per family, then per group of families: plain vs ours (its share of the shared
+    quantities in the ``shared s`` column, included in ``ours s``)."""
     rows = [(f, [f]) for f in plain]
     groups = {
-        "OCSVM+LOF+KDE (+Gram)": ["OneClassSVM", "LocalOutlierFactor", "KernelDensity"],
-        "total (+Gram)": list(plain),
+        "OCSVM+LOF+KDE": ["OneClassSVM", "LocalOutlierFactor", "KernelDensity"],
+        "total: study families": [f for f in plain if f in study],
+        "new families": [f for f in plain if f not in study],
+        "all families": list(plain),
     }
+    seen = {(f,) for f in plain}
     print(
         f"\n{'family':<24}{'configs':>9}{'plain s':>10}{'cpu s':>9}{'MiB':>7}"
-        f"{'ours s':>9}{'cpu s':>8}{'MiB':>7}{'speedup':>9}{'floor s':>9}  AUROC |diff| (n, <=1e-6, max)"
+        f"{'ours s':>9}{'cpu s':>8}{'MiB':>7}{'speedup':>9}{'shared s':>9}  AUROC |diff| (n, <=1e-6, max)"
     )
-    floor = {"IsolationForest": "=ours", "EllipticEnvelope": "=ours"}  # one forest; the MCD fits
     for name, fams in [*rows, *groups.items()]:
         fams = [f for f in fams if f in plain]
-        if not fams:
+        if not fams or (name in groups and tuple(fams) in seen):
             continue
-        p, o = Cost(), Cost()
+        seen.add(tuple(fams))
+        p, o, s = Cost(), Cost(), Cost()
         for f in fams:
             p.merge(plain[f])
-            o.merge(ours[f])
-        if name in groups:
-            o.merge(gram)
+            o.merge(shared.ours(f))
+            s.merge(shared.share[f])
         diffs = [
             abs(a - b)
             for (aug, c), (a, b) in aucs.items()
@@ -322,15 +472,23 @@ def print_table(plain: dict[str, Cost], ours: dict[str, Cost], aucs: dict) -> No
         print(
             f"{name:<24}{f'{p.measured}/{p.total}':>9}{p.wall:>9.1f}{mark}{p.cpu:>9.1f}{p.peak_mb:>7.0f}"
             f"{o.wall:>9.2f}{o.cpu:>8.1f}{o.peak_mb:>7.0f}{p.wall / max(o.wall, 1e-9):>8.1f}x"
-            f"{f'{gram.wall:.2f}' if name in groups else floor.get(name, ''):>9}  {agree}"
+            f"{s.wall:>9.2f}  {agree}"
         )
-    print(
-        f"{'Gram (shared floor)':<24}{'':>9}{'':>10}{'':>9}{'':>7}{gram.wall:>9.2f}{gram.cpu:>8.1f}{gram.peak_mb:>7.0f}"
-    )
+    q = Cost()
+    for cost in shared.quantities.values():
+        q.merge(cost)
+    calls = sum(c.wall for c in shared.calls.values())
+    print(f"{'shared quantities':<24}{'':>9}{'':>10}{'':>9}{'':>7}{q.wall:>9.2f}{q.cpu:>8.1f}")
+    print("  shared quantities, own wall / cpu s: "
+          + ", ".join(f"{n} {c.wall:.2f}/{c.cpu:.1f}" for n, c in shared.quantities.items()))  # fmt: skip
+    print(f"  ours = group calls {calls:.2f} s + shared quantities {q.wall:.2f} s = "
+          f"{calls + q.wall:.2f} s (the 'all families' row)")  # fmt: skip
     print(
         "* = extrapolated from the measured configs (cost weights: trees for IsolationForest,"
-        " components^2 for EllipticEnvelope)"
+        " components^2 for EllipticEnvelope, clusters for KMeansDistance)"
     )
+    for (aug, c), error in shared.errors.items():
+        print(f"  ours failed: aug={aug} {c.name}: {error[:200]}")
     kde = [(aug, c, a, b) for (aug, c), (a, b) in aucs.items() if c.family == "KernelDensity"]
     if kde:
         print("\nKernelDensity AUROC, ours (exact float64) vs scikit-learn's tree estimate:")
@@ -371,10 +529,10 @@ def forward_seconds_per_image() -> float:
     return (time.perf_counter() - t0) / 16
 
 
-def project(measured: dict[str, dict], t_image: float) -> None:
-    """Project the full 68,160-experiment grid on this machine from per-unit costs."""
+def project(measured: dict[str, dict], t_image: float, n_configs: int) -> None:
+    """Project the full grid (every unit x ``n_configs`` x 2) on this machine from per-unit costs."""
     # Gram seconds per (row^2 * dim), from the measured layers (both augmentation choices
-    # share one Gram over all rows); the rest of a unit (all 71 configs x 2) per row.
+    # share one Gram over all rows); the rest of a unit (every config x 2) per row.
     c_gram = np.mean([m["gram"] / (m["rows"] ** 2 * m["dim"]) for m in measured.values()])
     c_rest = np.mean([m["rest"] / m["rows"] for m in measured.values()])
     extract = evaluate = disk = 0.0
@@ -387,11 +545,11 @@ def project(measured: dict[str, dict], t_image: float) -> None:
                 units += 2
                 evaluate += 2 * (c_gram * rows**2 * dim + c_rest * rows)
                 disk += 2 * rows * dim * 4
-    experiments = units * 71 * 2
+    experiments = units * n_configs * 2
     days = (extract + evaluate) / 86400
     print(
-        f"\nProjection of the full grid ({experiments:,} experiments, {units} units) on this "
-        f"{os.cpu_count()}-core machine:"
+        f"\nProjection of the full grid ({experiments:,} experiments: {units} units x "
+        f"{n_configs} configs x 2) on this {os.cpu_count()}-core machine:"
     )
     print(
         f"  model: Gram {c_gram:.3g} s/(row^2 dim), other work {c_rest:.3g} s/row per unit "
@@ -402,7 +560,7 @@ def project(measured: dict[str, dict], t_image: float) -> None:
         f"total {days:.2f} days   features on disk {disk / 1e9:.0f} GB float32, "
         f"{disk / 2e9:.0f} GB with extract.dtype float16"
     )
-    print("  the study: 12 days on 6 cores, 380 GB")
+    print("  the study (71 configs): 12 days on 6 cores, 380 GB")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -410,66 +568,67 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS)
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--families", nargs="+", default=SELECTABLE, choices=SELECTABLE,
+                        help="detector families (default: all); their configs come from "
+                        "params.yaml's evaluate.detectors")  # fmt: skip
     parser.add_argument("--max-seconds", type=float, default=300.0,
                         help="plain-loop budget per family, layer and augmentation choice; "
                         "the remaining configs are extrapolated")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--n-jobs",
-        type=int,
-        default=1,
-        help="EllipticEnvelope processes (the stage uses 1 per worker)",
-    )
+    parser.add_argument("--threshold-folds", type=int, default=5,
+                        help="out-of-fold scores for the honest threshold, as the stage's "
+                        "evaluate.threshold_folds (0: in-sample only, as before)")  # fmt: skip
     parser.add_argument("--extract-only", action="store_true")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"skipped: MVTec bottle not found at {DATA}")
         return
+    grid, study = load_grid()
+    configs = [c for c in grid if c.family in args.families]
+    missing = [f for f in args.families if not any(c.family == f for c in configs)]
+    if missing:
+        parser.error(f"no configs for {', '.join(missing)} in params.yaml's evaluate.detectors")
     t0 = time.perf_counter()
     feats = extract_features()
     print(f"features ready in {time.perf_counter() - t0:.1f} s (cache {CACHE})")
     if args.extract_only:
         return
     role, label = feats["role"], feats["label"]
-    n_configs = sum(c.family in args.families for c in expand_detectors(STUDY_DETECTORS))
-    progress = tqdm(total=n_configs * 2 * len(args.layers), desc="plain sklearn configs")
-    totals_plain = {f: Cost() for f in args.families}
-    totals_ours = {f: Cost() for f in (*args.families, "Gram")}
+    progress = tqdm(total=len(configs) * 2 * len(args.layers), desc="plain sklearn configs")
+    totals_plain: dict[str, Cost] = {}
+    totals_shared = Shared()
     all_aucs: dict = {}
     measured: dict[str, dict] = {}
     for layer in args.layers:
         X = np.asarray(feats[layer])
-        plain, ours, aucs, shape = run_unit(
-            X, role, label, args.families, args.seed, args.max_seconds, args.n_jobs, progress
+        plain, shared, aucs, shape = run_unit(
+            X, role, label, configs, args.seed, args.max_seconds, progress, args.threshold_folds
         )
         progress.clear()
         print(
             f"\n=== {layer}: dim {shape['dim']}, train {shape['n'][False]} originals / "
-            f"{shape['n'][True]} with augmentation, test {int((role == 'test').sum())} ==="
+            f"{shape['n'][True]} with augmentation, test {int((role == 'test').sum())} "
+            f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ==="
         )
-        print_table(plain, ours, aucs)
-        for f in plain:
-            totals_plain[f].merge(plain[f])
-        for f in ours:
-            totals_ours[f].merge(ours[f])
+        print_table(plain, shared, aucs, study)
+        for f, cost in plain.items():
+            totals_plain.setdefault(f, Cost()).merge(cost)
+        totals_shared.merge(shared)
         all_aucs.update({(layer, *k): v for k, v in aucs.items()})
-        if set(args.families) == set(FAMILIES):
-            rest = sum(ours[f].wall for f in FAMILIES)
-            measured[layer] = {
-                "gram": ours["Gram"].wall,
-                "rest": rest,
-                "rows": len(X),
-                "dim": X.shape[1],
-            }
+        if set(study) <= set(args.families):
+            total = sum(shared.ours(f).wall for f in plain)
+            gram = shared.quantities["gram"].wall
+            measured[layer] = {"gram": gram, "rest": total - gram, "rows": len(X),
+                               "dim": X.shape[1]}  # fmt: skip
     progress.close()
     if len(args.layers) > 1:
         print(f"\n=== all measured layers: {', '.join(args.layers)} ===")
         print_table(
-            totals_plain, totals_ours, {((k[0], k[1]), k[2]): v for k, v in all_aucs.items()}
-        )
+            totals_plain, totals_shared, {((k[0], k[1]), k[2]): v for k, v in all_aucs.items()},
+            study,
+        )  # fmt: skip
     if measured:
-        project(measured, forward_seconds_per_image())
+        project(measured, forward_seconds_per_image(), len(configs))
 
 
 if __name__ == "__main__":
