@@ -8,9 +8,10 @@ call per fold for their out-of-fold scores (the honest threshold; ``--threshold-
 5 as the stage's default), and so does more work than the plain side. A family's "ours" seconds are its
 group calls (less the shared quantities computed inside them) plus its share of every
 shared quantity it used (Gram, distances, kNN table, PCA basis), each split evenly over
-the experiments that used it, as the stage splits them. "Plain" fits the family's own
-per-config reference (``Family.estimator``, ``evaluate.shared: false``) on the raw
-features and scores the test rows.
+the experiments that used it, as the stage splits them. "Plain" is the stage's plain
+path (``evaluate.shared: false``) producing the same outputs: per config the family's own
+estimator fitted on the raw features, scoring the test rows and the training rows
+in-sample (``Family.reference_one``), plus one fit per fold for the out-of-fold scores.
 
 The configs are data: each family's come from params.yaml's ``evaluate.detectors`` (the
 study's 71 of params/study.yaml and the course baselines). On the shared MVTec AD bottle
@@ -42,8 +43,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.evaluate import _shared_oof
+from stages.evaluate import reference_oof, shared_oof
 from stages.methods import FAMILIES, DetectorConfig, Needs, UnitData, expand_detectors
+from stages.methods.unit import fold_assignment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,17 +221,22 @@ class Cost:
 
 
 def plain_reference(
-    config: DetectorConfig, X_tr: np.ndarray, X_te: np.ndarray, seed: int
-) -> np.ndarray:
-    """The study's way: the family's own per-config estimator on the raw features (NaN if it
-    fails, as a failed experiment has no scores)."""
+    config: DetectorConfig, X_tr: np.ndarray, X_te: np.ndarray, seed: int,
+    folds: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
+    """The stage's plain path (``evaluate.shared: false``) for one config: the family's own
+    estimator fitted on the raw features, scoring the test rows and, in-sample, the
+    training rows, plus one fit per fold for the out-of-fold training scores when ``folds``
+    is given; the same outputs as the shared path. Test scores (NaN if it fails)."""
+    family = FAMILIES[config.family]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            model = FAMILIES[config.family].estimator(config.kwargs, seed).fit(X_tr)
-            return -np.asarray(model.score_samples(X_te), dtype=np.float64)
-        except Exception:
+        outcome = family.reference_one(X_tr, X_te, config, seed)
+        if outcome.error is not None:
             return np.full(len(X_te), np.nan)
+        if folds is not None:
+            reference_oof(family, outcome, X_tr, folds, config, seed)
+    return outcome.scores
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -330,7 +337,7 @@ def run_shared(
     trains: dict[bool, np.ndarray],
     configs: list[DetectorConfig],
     seed: int,
-    groups: np.ndarray | None = None,
+    row_groups: np.ndarray | None = None,
     folds: int = 0,
 ) -> Shared:
     """``_shared_rows`` of stages/evaluate.py on one unit (both augmentation choices)."""
@@ -356,8 +363,8 @@ def run_shared(
         with Meter() as meter:
             outcomes = FAMILIES[family].shared_outcomes(data, augmented, group, seed)
             if folds:  # the honest threshold's out-of-fold scores, as the stage computes them
-                keys = data.add_folds(augmented, groups[trains[augmented]], folds, seed)
-                _shared_oof(FAMILIES[family], data, augmented, keys, group, seed, outcomes)
+                keys = data.add_folds(augmented, row_groups[trains[augmented]], folds, seed)
+                shared_oof(FAMILIES[family], data, augmented, keys, group, seed, outcomes)
         used = data.take_used()
         inside = set(data.seconds) - before  # computed by this call: counted in their share
         call = out.calls.setdefault(family, Cost())
@@ -411,6 +418,7 @@ def run_unit(
     aucs: dict[tuple, tuple[float, float]] = {}
     for augmented, train in trains.items():
         X_tr, X_te = X_all[train], X_all[test]
+        fold_of = fold_assignment(groups[train], folds, seed) if folds else None
         for family in families:
             fam = [c for c in configs if c.family == family]
             cost, done_weight = Cost(), 0.0
@@ -418,7 +426,7 @@ def run_unit(
                 if cost.wall > max_seconds:
                     break
                 with Meter() as meter:
-                    theirs = plain_reference(config, X_tr, X_te, seed)
+                    theirs = plain_reference(config, X_tr, X_te, seed, fold_of)
                 cost.add(meter)
                 cost.measured += 1
                 done_weight += config_weight(config)

@@ -374,20 +374,21 @@ def _per_config_rows(
                 with deadline(unit.timeout_s, Path(unit.notes) / f"{exp.key}.json"):
                     outcome = next(outcomes)
                     if outcome.error is None and folds is not None:
-                        _reference_oof(FAMILIES[family], outcome, X_train, folds, exp, seed)
+                        reference_oof(FAMILIES[family], outcome, X_train, folds, exp.detector,
+                                      seed)  # fmt: skip
                 rows.append(_finish(unit, exp, outcome, y, meta, per_image))
     return rows
 
 
-def _reference_oof(family: Family, outcome: Outcome, X_train: np.ndarray, folds: np.ndarray,
-                   exp: Planned, seed: int) -> None:  # fmt: skip
+def reference_oof(family: Family, outcome: Outcome, X_train: np.ndarray, folds: np.ndarray,
+                  config: DetectorConfig, seed: int) -> None:  # fmt: skip
     """Out-of-fold training scores on the plain path: one more fit per fold, each scoring
     the rows it held out (``group_s`` counts them; ``fit_s`` stays the one model's)."""
     t0 = time.perf_counter()
     oof = np.full(len(X_train), np.nan)
     for k in range(int(folds.max()) + 1):
         held = folds == k
-        fold = family.reference_one(X_train[~held], X_train[held], exp.detector, seed)
+        fold = family.reference_one(X_train[~held], X_train[held], config, seed)
         if fold.error is not None:
             return
         oof[held] = fold.scores
@@ -452,7 +453,7 @@ def _shared_rows(
                 if unit.threshold_folds:
                     folds = data.add_folds(augmented, groups_of_rows[train[augmented]],
                                            unit.threshold_folds, seed)  # fmt: skip
-                    _shared_oof(FAMILIES[family], data, augmented, folds, configs, seed,
+                    shared_oof(FAMILIES[family], data, augmented, folds, configs, seed,
                                 outcomes)  # fmt: skip
             done.append((group, outcomes, data.take_used()))
             remaining -= len(group)
@@ -473,7 +474,7 @@ def _shared_rows(
     return rows
 
 
-def _shared_oof(family: Family, data: UnitData, augmented: bool, folds: list[tuple],
+def shared_oof(family: Family, data: UnitData, augmented: bool, folds: list[tuple],
                 configs: list[DetectorConfig], seed: int, outcomes: list[Outcome]) -> None:  # fmt: skip
     """Out-of-fold training scores: the family's shared path once per fold (sub-matrices
     of the unit's Gram, the fold's own kNN table and PCA basis); the folds' own seconds

@@ -247,6 +247,17 @@ class LocoChoice:
     auroc: float | None
     key: str | None
     candidates: int
+    # The configs tied with the chosen one on the mean rank (itself included) and their
+    # AUROCs on ``category`` (those done there): how lucky the tie-break was.
+    tied: int = 0
+    tied_aurocs: tuple[float, ...] = ()
+
+    def spread(self) -> tuple[float, float, float] | None:
+        """(min, median, max) AUROC here over the tied configs, or None."""
+        if not self.tied_aurocs:
+            return None
+        a = np.asarray(self.tied_aurocs)
+        return float(a.min()), float(np.median(a)), float(a.max())
 
 
 def category_ranks(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
@@ -264,6 +275,14 @@ def category_ranks(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, flo
     return ranks
 
 
+def _mean_over(done: Mapping[tuple[str, str], Mapping[str, Any]], categories: Sequence[str],
+               cid: str, field: str) -> float:  # fmt: skip
+    """Mean of a config's ``field`` over ``categories`` (``-inf`` when it has none there)."""
+    values = [done[(c, cid)].get(field) for c in categories if (c, cid) in done]
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else -np.inf
+
+
 def loco_selection(
     rows: Sequence[Mapping[str, Any]], categories: Sequence[str] | None = None
 ) -> dict[str, LocoChoice]:
@@ -271,8 +290,13 @@ def loco_selection(
 
     For category c: rank the configs by AUROC in every other category; the candidates are
     the configs done (with an AUROC) in *all* other categories, so every mean is over the
-    same categories; the chosen one has the best mean rank (ties: the first config id in
-    sort order, so the choice is deterministic). Only configs that were run on c (any
+    same categories; the chosen one has the best mean rank. Ties on it (common with few
+    categories: every config at AUROC 1.000 on the one other category) are broken by the
+    higher mean AUROC over the other categories, then the higher mean average precision
+    there, then the higher mean honest F1 there, then the first config id in sort order:
+    no test label of c is used, and the choice is deterministic. The AUROCs on c of all
+    tied configs are kept (``tied_aurocs``), so a report can say how lucky the choice
+    was. Only configs that were run on c (any
     status: which experiments exist uses no test label) are candidates, so a category
     without augmentation is never handed an augmented config. Its AUROC on c is reported,
     ``None`` when it is not done there. Needs at least two categories.
@@ -296,8 +320,15 @@ def loco_selection(
             choices[category] = LocoChoice(category, None, None, None, None, 0)
             continue
         mean_rank = {cid: float(np.mean([ranks[c][cid] for c in others])) for cid in candidates}
-        best = min(sorted(candidates), key=lambda cid: mean_rank[cid])
+        top = min(mean_rank.values())
+        tied = sorted(cid for cid in candidates if mean_rank[cid] <= top + 1e-9)
+
+        best = min(tied, key=lambda cid: (-_mean_over(done, others, cid, "auroc"),
+                                          -_mean_over(done, others, cid, "average_precision"),
+                                          -_mean_over(done, others, cid, "f1_honest"), cid))  # fmt: skip
         row = done.get((category, best))
+        here = tuple(float(done[(category, cid)]["auroc"]) for cid in tied
+                     if (category, cid) in done)  # fmt: skip
         choices[category] = LocoChoice(
             category,
             best,
@@ -305,6 +336,8 @@ def loco_selection(
             None if row is None else float(row["auroc"]),
             None if row is None else row["key"],
             len(candidates),
+            len(tied),
+            here,
         )
     return choices
 

@@ -612,26 +612,34 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
         choice = report.loco[c]
         honest = choice.auroc if n_cat >= 2 else None
         gap = None if honest is None else report.best[c]["auroc"] - honest
+        spread = choice.spread()
+        tied = ("n/a" if spread is None else f"{choice.tied}: "
+                + " / ".join(fmt(v) for v in spread))  # fmt: skip
         t4.append([c, report.best[c]["auroc"], report.best[c]["detector_name"],
                    loco_cell(choice, n_cat),
                    describe_config(choice.config) if choice.config else "n/a",
-                   gap])  # fmt: skip
+                   tied, gap])  # fmt: skip
     m = report.metrics
     mean_honest = m["mean_auroc_loco"] if m["mean_auroc_loco"] is not None else NEEDS_TWO
     if n_cat >= 2 and m["loco_categories"] < n_cat and m["mean_auroc_loco"] is not None:
         mean_honest = f"{fmt(m['mean_auroc_loco'])} (over {m['loco_categories']} categories)"
-    t4.append(["**mean**", m["mean_best_auroc_oracle"], "", mean_honest, "",
+    t4.append(["**mean**", m["mean_best_auroc_oracle"], "", mean_honest, "", "",
                m["mean_gap_oracle_minus_loco"]])  # fmt: skip
     parts.append(_section(
         "Table 4: best AUROC per category, oracle and honest",
         "*Oracle*: the best of all configs by the category's own test AUROC (the study's "
         "number, optimistic). *Honest (LOCO)*: the config with the best mean AUROC rank on "
         "the other categories (candidates: configs done in all of them and run on this one; a config is every "
-        "field but the category and the feature hash), evaluated on this category."
+        "field but the category and the feature hash), evaluated on this category. "
+        "*Tied*: how many configs share that best mean rank, and their AUROCs here (min / "
+        "median / max): the spread is the luck of the tie-break (higher mean AUROC, then "
+        "AP, then honest F1 on the other categories, then config id; no test label of "
+        "this category)."
         + (" Each seed of a stochastic config counts as a config of its own, so the oracle "
            "also picks the luckiest seed (see *Seed spread*)." if report.seed_spread else ""),
         md_table(["category", "best AUROC (oracle)", "oracle detector", "AUROC (honest, LOCO)",
-                  "LOCO config", "oracle - honest"], t4, "lrlrlr"),
+                  "LOCO config", "tied (AUROC here: min / median / max)", "oracle - honest"],
+                 t4, "lrlrllr"),
     ))  # fmt: skip
 
     parts.append(_section(

@@ -140,7 +140,12 @@ def test_table4_and_metrics_match_sql(run):
         assert metrics["per_category"][category]["best_auroc_oracle"] == pytest.approx(auroc)
         honest = result.loco[category].auroc
         assert rows[category][3] == f"{honest:.4f}"
-        assert rows[category][5] == f"{auroc - honest:.4f}"
+        assert rows[category][6] == f"{auroc - honest:.4f}"
+        low, mid, high = result.loco[category].spread()
+        assert low <= honest <= high
+        assert (
+            rows[category][5] == f"{result.loco[category].tied}: {low:.4f} / {mid:.4f} / {high:.4f}"
+        )
     assert metrics["mean_best_auroc_oracle"] == pytest.approx(np.mean(list(best.values())))
     assert rows["**mean**"][1] == f"{np.mean(list(best.values())):.4f}"
     counts = dict(_sql(root, "select status, count(*) from experiments group by status"))
@@ -417,6 +422,26 @@ def test_leave_one_category_out_on_a_hand_made_results_set():
     assert ties["A"] == {cid["z"]: 1.0, cid["x"]: 2.5, cid["y"]: 2.5}
     alone = loco_selection([_row("A", "x", 0.9)])
     assert alone["A"].config is None and alone["A"].auroc is None
+
+
+def test_loco_ties_are_broken_without_the_held_out_labels_and_their_spread_is_kept():
+    """Two categories: every config at AUROC 1.0 on B ties on the mean rank for A. The
+    tie-break looks at B only (AUROC, then AP, then honest F1, then the id); the AUROCs on A
+    of all tied configs are reported, whatever the choice."""
+    rows = [
+        {**_row("B", k, 1.0), "average_precision": ap, "f1_honest": f1}
+        for k, ap, f1 in (("x", 1.0, 0.7), ("y", 1.0, 0.9), ("z", 0.95, 1.0), ("w", 1.0, 0.9))
+    ] + [_row("B", "v", 0.8)]
+    rows += [_row("A", k, a) for k, a in (("x", 0.55), ("y", 0.60), ("z", 0.66), ("w", 0.90),
+                                          ("v", 0.99))]  # fmt: skip
+    cid = {k: config_id(_row("A", k, 0)) for k in "vwxyz"}
+    choice = loco_selection(rows, ["A", "B"])["A"]
+    # tied on B: x, y, z, w (v ranks last); AP drops z; honest F1 keeps y, w; id order: w < y
+    assert choice.tied == 4 and choice.config == min(cid["w"], cid["y"])
+    assert choice.spread() == (0.55, pytest.approx(0.63), 0.90)
+    # the held-out category's labels never enter: flip A's AUROCs, same choice
+    flipped = [{**r, "auroc": 1.5 - r["auroc"]} if r["category"] == "A" else r for r in rows]
+    assert loco_selection(flipped, ["A", "B"])["A"].config == choice.config
 
 
 # --- query CLI and submission ----------------------------------------------------------------
