@@ -308,6 +308,7 @@ class UnitData:
             bool(a): np.asarray(r, dtype=np.int64) for a, r in train.items()
         }
         self._heldout: dict[Hashable, np.ndarray] = {}  # fold key -> its held-out rows
+        self._folds: dict[tuple, list[tuple]] = {}  # (augmented, n_folds, seed) -> fold keys
         self.needs = needs or Needs()
         self._raw = raw
         self._blocks = blocks
@@ -376,18 +377,20 @@ class UnitData:
         """Split one training set into ``n_folds`` folds, seeded; rows of one group (an
         original image and its augmented copies) stay in one fold. Returns the fold keys:
         each trains on the other folds and scores its own rows. Fewer folds when there
-        are fewer groups; none with a single group."""
+        are fewer groups; none with a single group. Every family of the unit asks for the
+        same folds: they are split once and their keys (and cached quantities) reused."""
+        asked = (bool(augmented), int(n_folds), int(seed))
+        if asked in self._folds:
+            return self._folds[asked]
         train = self.train[augmented]
         fold = fold_assignment(groups, n_folds, seed)
-        if fold is None:
-            return []
-        k = int(fold.max()) + 1
-        keys = []
-        for i in range(k):
-            key = ("fold", bool(augmented), int(seed), k, i)
+        keys: list[tuple] = []
+        for i in range(0 if fold is None else int(fold.max()) + 1):
+            key = ("fold", *asked, i)
             self.train[key] = train[fold != i]
             self._heldout[key] = train[fold == i]
             keys.append(key)
+        self._folds[asked] = keys
         return keys
 
     def finite(self) -> np.ndarray:
