@@ -280,3 +280,34 @@ def test_a_fold_is_scored_by_a_model_that_did_not_see_it(rows: dict):
         ref = FAMILIES["KNNDistance"].reference_one(X[rest], X[held], config, 0)
         np.testing.assert_allclose(outcome.scores, ref.scores, rtol=1e-9)
     assert np.all(seen == 1)  # every training row held out exactly once
+
+
+@pytest.mark.parametrize(("n_clusters", "n_init"), [(1, 1), (5, 1), (8, 3), (20, 2)])
+def test_kmeans_on_the_gram_is_scikit_learns_kmeans(n_clusters, n_init):
+    """Same k-means++ seeds (same random draws), same Lloyd steps, same best of n_init:
+    the centroids of scikit-learn's KMeans on the rows, both in float64."""
+    from stages.methods.kmeans import kmeans_gram
+
+    rng = np.random.default_rng(n_clusters)
+    X = rng.standard_normal((60, 7)) + 4 * rng.integers(0, 3, (60, 1))
+    Xc = X - X.mean(axis=0)
+    ref = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=11, tol=1e-4).fit(X)
+    tol = 1e-4 * np.var(X, axis=0).mean()
+    C = kmeans_gram(Xc @ Xc.T, n_clusters, n_init=n_init, max_iter=300, tol=tol, seed=11)
+    np.testing.assert_allclose(C @ Xc + X.mean(axis=0), ref.cluster_centers_, atol=1e-9)
+
+
+def test_kmeans_on_the_gram_relocates_empty_clusters_as_scikit_learn():
+    """A repeated seed leaves a cluster empty: it takes the point farthest from its
+    centroid (scikit-learn's Lloyd step), checked against KMeans started from the same rows."""
+    from stages.methods.kmeans import _lloyd
+
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((50, 4)) + 5 * rng.integers(0, 2, (50, 1))
+    Xc = X - X.mean(axis=0)
+    seeds = np.array([3, 3, 3, 17, 40])
+    ref = KMeans(n_clusters=5, init=X[seeds], n_init=1, tol=1e-4).fit(X)
+    tol = 1e-4 * np.var(X, axis=0).mean()
+    C, labels, inertia = _lloyd(Xc @ Xc.T, seeds, 300, tol)
+    np.testing.assert_allclose(C @ Xc + X.mean(axis=0), ref.cluster_centers_, atol=1e-9)
+    assert np.array_equal(labels, ref.labels_) and inertia == pytest.approx(ref.inertia_)

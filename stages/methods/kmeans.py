@@ -1,13 +1,16 @@
 """KMeansDistance: distance to the nearest of k centroids of the training images (seeded).
 
-The course's Method 2. The shared path runs scikit-learn's own ``KMeans`` on the unit's
-full-rank PCA coordinates of the training set (at most n_train dimensions instead of
-hundreds of thousands): centroids lie in the training rows' affine span, where the PCA
-coordinates are an isometry, so every distance k-means++ and Lloyd compute is the same in
-exact arithmetic. ``tol`` is scaled by ``n_components / n_features`` because scikit-learn
-makes it relative to the mean per-feature variance (the total variance is the same in
-both spaces). A query's squared distance to a centroid adds what lies outside the span:
-``||x - mean||^2 - ||z||^2``. n_clusters is capped to the training set's size.
+The course's Method 2. The plain reference is scikit-learn's ``KMeans`` on the training
+rows. The shared path is the same algorithm written on the unit's Gram matrix (kernel
+k-means with the linear kernel): a centroid is a weighted sum of training rows, so every
+distance k-means++, Lloyd and the scoring need is a combination of dot products the Gram
+already holds, and no step touches the features' hundreds of thousands of dimensions. It
+follows scikit-learn 1.9's ``KMeans`` (k-means++ with 2 + log k local trials, Lloyd with
+strict or ``tol`` convergence on the centroid shift, empty clusters moved to the farthest
+points, the best of ``n_init`` runs by inertia) step by step, drawing the same random
+numbers from the same seed, so in exact arithmetic it picks the same seeds and ends at
+the same centroids; only rounding differs (float64 Gram against float32 features).
+n_clusters is capped to the training set's size.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import numpy as np
 from pydantic import Field
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.cluster import KMeans
+from sklearn.utils import check_random_state
 
 from stages.methods.base import DetectorConfig, Family, Hyper, PositiveInt, capped
-from stages.methods.unit import ALL, Needs, UnitData
+from stages.methods.unit import Needs, UnitData
 
 
 class KMeansDistanceDetector(OutlierMixin, BaseEstimator):
@@ -45,6 +49,125 @@ class KMeansDistanceDetector(OutlierMixin, BaseEstimator):
         return -np.asarray(self.kmeans_.transform(X), dtype=np.float64).min(axis=1)
 
 
+# --- the math: k-means on a centred Gram matrix -----------------------------------------------
+
+
+def _plusplus(Kc: np.ndarray, n_clusters: int, rng: np.random.RandomState) -> np.ndarray:
+    """k-means++ seeds (indices), as scikit-learn's ``_kmeans_plusplus`` with unit weights."""
+    n = len(Kc)
+    sq = np.diagonal(Kc)
+    weights = np.ones(n)
+    trials = 2 + int(np.log(n_clusters))
+    seeds = np.full(n_clusters, -1, dtype=np.int64)
+    seeds[0] = rng.choice(n, p=weights / weights.sum())
+    closest = np.maximum(sq[seeds[0]] + sq - 2.0 * Kc[seeds[0]], 0.0)
+    potential = closest @ weights
+    for c in range(1, n_clusters):
+        draws = rng.uniform(size=trials) * potential
+        candidates = np.searchsorted(np.cumsum(weights * closest), draws)
+        np.clip(candidates, None, n - 1, out=candidates)
+        dist = np.maximum(sq[candidates, None] + sq[None, :] - 2.0 * Kc[candidates], 0.0)
+        np.minimum(closest, dist, out=dist)
+        potentials = dist @ weights
+        best = int(np.argmin(potentials))
+        potential, closest, seeds[c] = potentials[best], dist[best], candidates[best]
+    return seeds
+
+
+def _assign(Kc: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels (nearest centroid, first on ties), ``x_i . c_j`` and ``||c_j||^2``."""
+    KC = Kc @ C.T
+    c_sq = np.einsum("jn,nj->j", C, KC)
+    return np.argmin(c_sq[None, :] - 2.0 * KC, axis=1), KC, c_sq
+
+
+def _update(
+    Kc: np.ndarray, C: np.ndarray, labels: np.ndarray, KC: np.ndarray, c_sq: np.ndarray
+) -> np.ndarray:
+    """The next centroids: means of the clusters; an empty cluster takes the point farthest
+    from its centroid, and one still empty copies the heaviest (scikit-learn's Lloyd step)."""
+    k, n = C.shape
+    C_new = np.zeros_like(C)
+    C_new[labels, np.arange(n)] = 1.0
+    weight = np.bincount(labels, minlength=k).astype(np.float64)
+    empty = np.flatnonzero(weight == 0)
+    if len(empty):
+        own = np.arange(n)
+        dist = np.diagonal(Kc) - 2.0 * KC[own, labels] + c_sq[labels]
+        far = np.argpartition(dist, -len(empty))[: -len(empty) - 1 : -1]
+        if np.max(dist) != 0:
+            for new, f in zip(empty, far, strict=True):
+                old = labels[f]
+                C_new[old, f] -= 1.0
+                C_new[new] = 0.0
+                C_new[new, f] = 1.0
+                weight[new] = 1.0
+                weight[old] -= 1.0
+    heaviest = int(np.argmax(weight))
+    for j in range(k):  # in order, as scikit-learn's _average_centers
+        if weight[j] > 0:
+            C_new[j] /= weight[j]
+        else:
+            C_new[j] = C_new[heaviest]
+    return C_new
+
+
+def _lloyd(
+    Kc: np.ndarray, seeds: np.ndarray, max_iter: int, tol: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """One Lloyd run from the seeds: centroid weights (k, n), labels, inertia."""
+    n = len(Kc)
+    C = np.zeros((len(seeds), n))
+    C[np.arange(len(seeds)), seeds] = 1.0
+    labels_old = np.full(n, -1)
+    for _ in range(max_iter):
+        labels, KC, c_sq = _assign(Kc, C)
+        C_new = _update(Kc, C, labels, KC, c_sq)
+        delta = C_new - C
+        shift_sq = np.maximum(np.einsum("jn,nj->j", delta, Kc @ delta.T), 0.0)
+        C = C_new
+        if np.array_equal(labels, labels_old) or shift_sq.sum() <= tol:
+            break  # strict convergence, or the centroids moved less than tol
+        labels_old = labels
+    labels, KC, c_sq = _assign(Kc, C)  # the final centroids' labels (scikit-learn's last E-step)
+    sq = np.diagonal(Kc)
+    own = np.arange(n)
+    inertia = float(np.maximum(sq - 2.0 * KC[own, labels] + c_sq[labels], 0.0).sum())
+    return C, labels, inertia
+
+
+def _same_clustering(a: np.ndarray, b: np.ndarray, k: int) -> bool:
+    """One labelling is a relabelling of the other (scikit-learn's ``_is_same_clustering``)."""
+    mapping = np.full(k, -1)
+    for x, y in zip(a, b, strict=True):
+        if mapping[x] == -1:
+            mapping[x] = y
+        elif mapping[x] != y:
+            return False
+    return True
+
+
+def kmeans_gram(
+    Kc: np.ndarray, n_clusters: int, *, n_init: int, max_iter: int, tol: float, seed: int
+) -> np.ndarray:
+    """scikit-learn's ``KMeans(init="k-means++", algorithm="lloyd")`` on rows given by their
+    centred Gram ``Kc`` (n, n); ``tol`` already scaled (``_tolerance``). Returns the
+    centroids as weights over the rows (k, n): ``centroid = weights @ (X - mean)``."""
+    rng = check_random_state(seed)
+    best: tuple[np.ndarray, np.ndarray, float] | None = None
+    for _ in range(n_init):
+        C, labels, inertia = _lloyd(Kc, _plusplus(Kc, n_clusters, rng), max_iter, tol)
+        if best is None or (
+            inertia < best[2] and not _same_clustering(labels, best[1], n_clusters)
+        ):
+            best = (C, labels, inertia)
+    assert best is not None
+    return best[0]
+
+
+# --- the family ---------------------------------------------------------------------------------
+
+
 class KMeansDistanceFamily(Family):
     class hyper(Hyper):
         n_clusters: PositiveInt = 8
@@ -59,24 +182,31 @@ class KMeansDistanceFamily(Family):
         return KMeansDistanceDetector(**params, random_state=seed)
 
     def reserve(self, needs: Needs, configs: Sequence[DetectorConfig]) -> None:
-        needs.reserve(pca=ALL)
+        """Nothing beyond the Gram, which every unit has."""
 
     def shared(
         self, data: UnitData, split: Hashable, configs: Sequence[DetectorConfig], seed: int
     ) -> list[np.ndarray | BaseException]:
-        pca = data.pca(split)
-        z_train, z_queries = pca.z_train, pca.z_queries
-        outside = np.maximum(pca.centred_sq - np.einsum("ij,ij->i", z_queries, z_queries), 0.0)
-        scale = z_train.shape[1] / data.n_features
+        train, queries = data.train[split], data.queries(split)
+        K = data.gram.K
+        K_tt, K_qt = K[np.ix_(train, train)], K[np.ix_(queries, train)]
+        col_mean, total = K_tt.mean(axis=0), K_tt.mean()
+        Kc = K_tt - col_mean[:, None] - col_mean[None, :] + total
+        Kc_q = K_qt - K_qt.mean(axis=1)[:, None] - col_mean[None, :] + total
+        q_sq = np.diagonal(K)[queries] - 2.0 * K_qt.mean(axis=1) + total  # ||x - mean||^2
+        # scikit-learn's tolerance: tol x the mean per-feature variance of the training rows
+        variance = max(float(np.trace(Kc)), 0.0) / (len(train) * data.n_features)
         out: list[np.ndarray | BaseException] = []
         for config in configs:
             p = self.hyperparams(config)
             try:
-                model = KMeans(n_clusters=capped(p.n_clusters, len(z_train)), n_init=p.n_init,
-                               max_iter=p.max_iter, tol=p.tol * scale,
-                               random_state=seed).fit(z_train)  # fmt: skip
-                inside = model.transform(z_queries) ** 2
-                out.append(np.sqrt(inside.min(axis=1) + outside))
+                k = capped(p.n_clusters, len(train))
+                n_init = 1 if p.n_init == "auto" else p.n_init  # "auto" is 1 for k-means++
+                C = kmeans_gram(Kc, k, n_init=n_init, max_iter=p.max_iter,
+                                tol=p.tol * variance, seed=seed)  # fmt: skip
+                c_sq = np.einsum("jn,nj->j", C, Kc @ C.T)
+                dist = q_sq[:, None] - 2.0 * Kc_q @ C.T + c_sq[None, :]
+                out.append(np.sqrt(np.maximum(dist, 0.0).min(axis=1)))
             except Exception as exc:
                 out.append(exc)
         return out
