@@ -8,6 +8,11 @@ none: orientation is part of what "good" means for that category). Outputs are P
 Resumable: every finished image is appended to ``journal.jsonl`` after its PNG was renamed
 into place, so a killed run redoes at most the images in flight. A category whose manifest
 matches its sources and transforms is skipped whole.
+
+The index records, per augmented image, the SHA-256 of the training image it was made from
+(``source_sha256``), so later stages check it belongs with the dataset index and the
+transforms they are asked for (``check_augment_index``) instead of training an
+``augmented`` experiment on anything else.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from stages.dataset import read_index
-from stages.errors import run_cli, setup_logging
+from stages.errors import UserError, run_cli, setup_logging
 from stages.io import atomic_path, remove_stale_temps, write_bytes_atomic, write_json_atomic
 from stages.params import load_params, stage_args
 from stages.progress import progress
@@ -50,10 +55,13 @@ INDEX_SCHEMA = pa.schema(
         ("transform", pa.string()),
         ("path", pa.string()),
         ("sha256", pa.string()),
+        ("source_sha256", pa.string()),
     ]
 )
 JOURNAL = "journal.jsonl"
 MANIFEST = "manifest.json"
+INDEX = "index.parquet"
+RERUN = "rerun the augment stage (dvc repro augment)"
 
 
 def apply_transform(image: Image.Image, transform: str) -> Image.Image:
@@ -150,6 +158,10 @@ def augment_category(
     elif not todo:
         log.info("%s: %d augmented images up to date, skipped", category, len(plan))
     else:
+        lost = next((it for it in todo if not Path(it["source_path"]).is_file()), None)
+        if lost is not None:
+            raise UserError(f"{lost['source_path']}: training image listed in the image index "
+                            "not found (rerun the dataset stage: dvc repro dataset)")  # fmt: skip
         if len(plan) > len(todo):
             log.info(
                 "%s: %d of %d images already done, skipped",
@@ -195,24 +207,113 @@ def augment_category(
     return entries
 
 
+# --- what later stages check --------------------------------------------------------------
+
+
+def train_originals(index_path: str | Path, categories: Sequence[str]) -> dict[str, list[dict]]:
+    """The dataset index's training images per configured category; ``UserError`` naming
+    the index (and the stage to rerun) when it is missing or lacks a category."""
+    table = read_index(index_path)
+    needed = ("category", "image_id", "split", "path", "sha256")
+    absent = [c for c in needed if c not in table.column_names]
+    if absent:
+        raise UserError(f"{index_path}: not the dataset stage's image index (no column "
+                        f"{absent[0]}); rerun the dataset stage (dvc repro dataset)")  # fmt: skip
+    rows = table.select(list(needed)).to_pylist()
+    by_category: dict[str, list[dict]] = {c: [] for c in categories}
+    for row in rows:
+        if row["category"] in by_category and row["split"] == "train":
+            by_category[row["category"]].append(row)
+    for category, train in by_category.items():
+        if not train:
+            raise UserError(f"{index_path}: no training images of category '{category}' "
+                            "(data.categories lists it); rerun the dataset stage "
+                            "(dvc repro dataset)")  # fmt: skip
+    return by_category
+
+
+def check_augment_index(
+    path: str | Path,
+    originals: dict[str, list[dict]],
+    transforms: dict[str, Sequence[str]],
+    dataset_index: str | Path,
+) -> dict[str, list[dict[str, Any]]]:
+    """The augmented images per category, after checking that ``path`` (the augment stage's
+    index) is what the stage writes for ``originals`` (training images per category, from
+    the dataset index) and ``transforms``: every category covered, the same transforms, made
+    from the same training images (ids and SHA-256). ``UserError`` otherwise, naming the
+    index and saying to rerun the augment stage. A missing index is fine only where no
+    category asks for a transform."""
+    path = Path(path)
+    if not path.is_file():
+        asking = [c for c in originals if transforms.get(c)]
+        if asking:
+            c = asking[0]
+            raise UserError(f"{path}: augmented image index missing, but "
+                            f"augment.transforms.{c} is {list(transforms[c])}; run the "
+                            "augment stage (dvc repro augment)")  # fmt: skip
+        return {c: [] for c in originals}
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(f"{path}: unreadable augmented image index ({reason}); {RERUN}") from None
+    absent = [n for n in INDEX_SCHEMA.names if n not in table.column_names]
+    if absent:
+        raise UserError(f"{path}: augmented image index written by an older augment stage "
+                        f"(no column {absent[0]}); {RERUN}")  # fmt: skip
+    rows = table.select(INDEX_SCHEMA.names).to_pylist()
+    out: dict[str, list[dict[str, Any]]] = {c: [] for c in originals}
+    for row in rows:
+        if row["category"] in out:
+            out[row["category"]].append(row)
+    for category, train in originals.items():
+        wanted = list(transforms.get(category, []))
+        got = out[category]
+        if not got and wanted:
+            raise UserError(f"{path}: no augmented images of category '{category}', but "
+                            f"augment.transforms.{category} is {wanted}; {RERUN}")  # fmt: skip
+        used = sorted({r["transform"] for r in got}, key=lambda t: (t not in wanted, t))
+        if set(used) != set(wanted):
+            raise UserError(f"{path}: augmented images of '{category}' are for transforms "
+                            f"{used}, but augment.transforms.{category} is {wanted}; "
+                            f"{RERUN}")  # fmt: skip
+        sources = {r["image_id"]: r["sha256"] for r in train}
+        expected = {(s, t) for s in sources for t in wanted}
+        seen: set[tuple[str, str]] = set()
+        for r in got:
+            pair = (r["source_image_id"], r["transform"])
+            if sources.get(pair[0]) != r["source_sha256"] or pair in seen:
+                raise UserError(f"{path}: augmented image {r['image_id']} was not made from "
+                                f"the training image {dataset_index} lists as "
+                                f"{pair[0]}; {RERUN}")  # fmt: skip
+            seen.add(pair)
+        if seen != expected:
+            lacking = sorted(expected - seen)[0]
+            raise UserError(f"{path}: no augmented image {lacking[0]}@{lacking[1]} of "
+                            f"category '{category}' ({dataset_index} lists {lacking[0]}); "
+                            f"{RERUN}")  # fmt: skip
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = stage_args(__doc__.splitlines()[0], argv)
     log = setup_logging("augment")
     params = load_params(args.params)
     out = Path(params.augment.out)
+    originals = train_originals(params.data.index, params.data.categories)  # before writing
     stale = remove_stale_temps(out)
     if stale:
         log.info("removed %d temp files left by an interrupted run", stale)
-    index = read_index(params.data.index).to_pylist()
     rows = []
     for category in params.data.categories:
-        sources = [r for r in index if r["category"] == category and r["split"] == "train"]
+        sources = originals[category]
         transforms = params.augment.transforms[category]
         rows += augment_category(category, sources, transforms, out, log)
     table = pa.Table.from_pylist(
         [{k: r[k] for k in INDEX_SCHEMA.names} for r in rows], schema=INDEX_SCHEMA
     )
-    with atomic_path(out / "index.parquet") as tmp:
+    with atomic_path(out / INDEX) as tmp:
         pq.write_table(table, tmp)
     log.info("%d augmented images in %d categories", len(rows), len(params.data.categories))
 

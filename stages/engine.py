@@ -22,6 +22,7 @@ interrupted any other way); the stage reads the note when the death is reported.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import faulthandler
 import logging
@@ -40,8 +41,9 @@ import dask
 from distributed import Client, Future, KilledWorker, LocalCluster, as_completed
 from pydantic import Field
 
+from stages.errors import UserError
 from stages.io import write_json_atomic
-from stages.params import Section
+from stages.params import MemoryLimit, SchedulerAddress, Section
 
 U = TypeVar("U")
 R = TypeVar("R")
@@ -60,11 +62,12 @@ THREAD_ENV_VARS = (
 class EngineParams(Section):
     """Where work units run: a LocalCluster started by the stage, or ``address``."""
 
-    address: str | None = None  # e.g. tcp://scheduler:8786; None: start a LocalCluster
+    address: SchedulerAddress | None = None  # e.g. tcp://scheduler:8786; None: a LocalCluster
     n_workers: int = Field(2, ge=1)
     threads_per_worker: int = Field(1, ge=1)
-    memory_limit: str = "auto"  # per worker; the nanny kills a worker above it
+    memory_limit: MemoryLimit = "auto"  # per worker; the nanny kills a worker above it
     allowed_failures: int = Field(0, ge=0)  # worker deaths a task may cause before it fails
+    connect_timeout_s: float = Field(10.0, gt=0)  # how long to wait for ``address`` to answer
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -91,7 +94,7 @@ def dask_client(params: EngineParams) -> Iterator[Client]:
     """
     with dask.config.set(_dask_config(params)):
         if params.address:
-            with Client(params.address, timeout="30s") as client:
+            with connect(params) as client:
                 yield client
             return
         with (
@@ -109,6 +112,66 @@ def dask_client(params: EngineParams) -> Iterator[Client]:
             Client(cluster) as client,
         ):
             yield client
+
+
+def _unreachable(
+    params: EngineParams, key: str, where: str | Path, reason: str | None
+) -> UserError:
+    what = (f"no Dask scheduler answered at {params.address} within "
+            f"{params.connect_timeout_s:g} s ({key}.connect_timeout_s)" if reason is None
+            else f"cannot use {params.address} as a Dask scheduler ({reason})")  # fmt: skip
+    return UserError(
+        f"{f'{where}: ' if where else ''}{key}.address: {what}: start the scheduler and its "
+        "workers (README 'Scaling out'), or set address: null for a local cluster"
+    )
+
+
+def connect(params: EngineParams, key: str = "engine", where: str | Path = "") -> Client:
+    """A client on the scheduler at ``params.address``; ``UserError`` naming ``key`` (of the
+    params file ``where``) when none answers within ``connect_timeout_s``."""
+    try:
+        return Client(params.address, timeout=f"{params.connect_timeout_s}s")
+    except (OSError, TimeoutError):
+        raise _unreachable(params, key, where, None) from None
+
+
+async def _identity(address: str, timeout: float) -> dict[str, Any]:
+    """The ``identity`` of the Dask server at ``address``: the whole exchange bounded by
+    ``timeout`` (a server that is not Dask's may accept the connection and never answer)."""
+    from distributed.comm import connect as open_comm
+    from distributed.security import Security
+
+    async def ask() -> dict[str, Any]:
+        comm = await open_comm(address, timeout=timeout,
+                               **Security().get_connection_args("client"))  # fmt: skip
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    return await asyncio.wait_for(ask(), timeout)
+
+
+def check_scheduler(params: EngineParams, key: str, where: str | Path = "") -> None:
+    """Before a stage writes anything: a Dask scheduler answers at ``address`` (if any)
+    within ``connect_timeout_s``, else one line naming ``key`` (``UserError``)."""
+    if not params.address:
+        return
+    with contextlib.suppress(RuntimeError):
+        asyncio.get_running_loop()
+        return  # called from async code: the connection itself will tell
+    try:
+        reply = asyncio.run(_identity(params.address, params.connect_timeout_s))
+    except (OSError, TimeoutError):
+        raise _unreachable(params, key, where, None) from None
+    except Exception as exc:  # TLS not configured, a web server, ...: said as it is
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise _unreachable(params, key, where, reason) from None
+    kind = reply.get("type") if isinstance(reply, dict) else None
+    if kind != "Scheduler":
+        raise _unreachable(params, key, where, f"it answers as a Dask {kind or 'server'}, "
+                           "not a scheduler")  # fmt: skip
 
 
 # --- worker side ---------------------------------------------------------------------------

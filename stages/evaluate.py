@@ -16,6 +16,24 @@ with another ``threshold_quantile``), and failed/crashed/timeout ones are retrie
 with ``evaluate.retry_failed: true`` or ``OOD_RETRY_FAILED=1``. The stage exits 0 once
 every experiment has a final status.
 
+Failures are classified. Only what an experiment hits on valid input (an estimator error
+such as a singular covariance, a worker killed inside a fit, a timeout) is a final
+``failed`` / ``crashed`` / ``timeout`` row. Input problems stop the stage with one line
+saying what to rerun (exit 2) and are never stored: before anything is written, the stage
+checks that ``feature_sets.json`` lists exactly the configured feature sets, that each
+manifest is there and is the one listed, that the shards agree with it (footers: rows,
+dimension, shard hashes), that the rows are the images of the current image and augment
+indexes (content hash recomputed; the augment index checked against ``augment.transforms``),
+and that an ``augmented`` experiment has augmented rows to train on; a shard unreadable
+when a worker reads it stops the stage too. A hyperparameter scikit-learn rejects is a
+params error at plan time (``stages.methods``). Rows stored as ``failed`` for an input
+problem by earlier versions (their error says a shard or manifest could not be read) are
+run again without ``retry_failed``.
+
+One run per database: a second evaluate on the same database is refused with one line
+naming the first (``stages.results_db.single_writer``: a ``flock`` on ``<db>.lock`` for
+SQLite, released by the kernel however the run ends; an advisory lock on PostgreSQL).
+
     python -m stages.evaluate [--params params.yaml]
 
 Params (section ``evaluate``; the feature sets come from ``<extract.out>/feature_sets.json``):
@@ -62,8 +80,9 @@ Params (section ``evaluate``; the feature sets come from ``<extract.out>/feature
 - ``detectors``: list of ``{family, grid: {name: [values]}, fixed: {name: value}}`` (the
   families: ``stages.methods.FAMILIES``; the study's 71 configs: params/study.yaml).
 - ``engine``: ``{address: null, n_workers: 2, threads_per_worker: 1, memory_limit: auto,
-  allowed_failures: 0}``; ``address`` connects to a running Dask scheduler instead of
-  starting a LocalCluster (workers need this repository importable and the same paths).
+  allowed_failures: 0, connect_timeout_s: 10}``; ``address`` connects to a running Dask
+  scheduler instead of starting a LocalCluster (workers need this repository importable
+  and the same paths); it must answer within ``connect_timeout_s``.
 
 Stored results of experiments no longer in the grid (e.g. after the features changed,
 which changes their content hash and so the key) stay in the database; the summary counts
@@ -77,6 +96,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 import warnings
@@ -93,12 +113,20 @@ from distributed import Client
 from pydantic import Field, ValidationError, field_validator
 from tqdm import tqdm
 
-from stages.engine import EngineParams, dask_client, deadline, run_units
+from stages.augment import INDEX as AUGMENT_INDEX
+from stages.augment import check_augment_index, train_originals
+from stages.dataset import read_index
+from stages.engine import EngineParams, check_scheduler, dask_client, deadline, run_units
 from stages.errors import UserError, run_cli, setup_logging
 from stages.features import (
+    CONFIG_KEYS,
     FeatureSet,
+    check_shards,
+    content_hash_of,
+    feature_set_inputs,
     iter_shard_tables,
     load_feature_set,
+    require_manifest,
 )
 from stages.io import remove_stale_temps, stable_hash, write_json_atomic
 from stages.methods import (
@@ -114,11 +142,20 @@ from stages.methods import (
 )
 from stages.methods.unit import fold_assignment, image_groups
 from stages.metrics import THRESHOLD_FIELDS, ranking_metrics, threshold_metrics
-from stages.params import Section, load_params, load_section, stage_args
+from stages.params import (
+    OutputFile,
+    OutputFolder,
+    Section,
+    load_params,
+    load_section,
+    stage_args,
+)
 from stages.results_db import (
     FINAL_NOT_DONE,
     ExperimentRow,
+    failed_errors,
     open_db,
+    single_writer,
     status_counts,
     statuses,
     threshold_settings,
@@ -135,8 +172,8 @@ class EvaluateParams(Section):
     """The ``evaluate`` section of params.yaml."""
 
     db_url: str = "sqlite:///results/results.sqlite"
-    summary: str = "results/evaluate_summary.json"
-    scratch: str = "cache/evaluate"  # timeout notes, fault reports (shared with workers)
+    summary: OutputFile = "results/evaluate_summary.json"
+    scratch: OutputFolder = "cache/evaluate"  # timeout notes, fault reports (shared with workers)
     seeds: Annotated[list[int], Field(min_length=1)] = [0]
     timeout_s: Annotated[float, Field(gt=0)] | None = 600.0
     threshold_quantile: Annotated[float, Field(gt=0, lt=1)] = 0.99
@@ -340,10 +377,12 @@ def _per_image(fs: FeatureSet) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 
 
 def _check_hash(features: FeatureSetEntry, manifest: dict[str, Any]) -> None:
+    """The feature set is still the one listed (an input problem otherwise: stops the stage)."""
     if manifest.get("content_hash") != features.content_hash:
-        raise RuntimeError(
+        raise UserError(
             f"{features.folder}: content hash {manifest.get('content_hash')} differs from "
-            f"{FEATURE_SETS_FILE} ({features.content_hash}); rerun the extract stage"
+            f"{FEATURE_SETS_FILE} ({features.content_hash}); rerun the extract stage "
+            "(dvc repro extract)"
         )
 
 
@@ -550,6 +589,144 @@ def read_feature_sets(path: Path) -> list[FeatureSetEntry]:
     return entries
 
 
+# --- inputs that belong together (checked before anything is written) -------------------------
+
+RERUN_EXTRACT = "rerun the extract stage (dvc repro extract)"
+# A stored ``failed`` row whose error says its input could not be read (a missing manifest,
+# an unreadable shard: stored so by versions before inputs were checked up front) is no
+# outcome of the experiment: it is run again without ``retry_failed``.
+INPUT_FAILURE = re.compile(
+    r"rerun the extract stage|UserError|ArrowInvalid|ArrowIOError|ArrowException|"
+    r"\.parquet\b|manifest\.json|InvalidParameterError"
+)
+
+
+def _label(fs: FeatureSetEntry) -> str:
+    return f"{fs.category} {fs.backbone}-{fs.init} {fs.layer} {fs.representation}"
+
+
+def check_listing(root: Any, feature_sets: Sequence[FeatureSetEntry], listing: Path) -> None:
+    """``feature_sets.json`` lists exactly the configured feature sets: every category of
+    ``data.categories`` and, when the params file has ``extract.extractors``, every
+    extractor x layer x representation; nothing else (a stale list: rerun the extract stage)."""
+    categories = list(root.data.categories)
+    listed = {fs.category for fs in feature_sets}
+    for category in categories:
+        if category not in listed:
+            raise UserError(f"{listing}: no feature sets of category '{category}' (data.categories "
+                            f"lists it); {RERUN_EXTRACT}")  # fmt: skip
+    for fs in feature_sets:
+        if fs.category not in categories:
+            raise UserError(f"{listing}: lists {_label(fs)}, but data.categories has no "
+                            f"'{fs.category}'; {RERUN_EXTRACT}")  # fmt: skip
+    extractors = (root.extract or {}).get("extractors")
+    if not isinstance(extractors, list) or not all(isinstance(x, dict) for x in extractors):
+        return  # no extractor list (or a malformed one: the extract stage names it)
+    wanted: list[tuple[str, str, str | None, str, str]] = []
+    for x in extractors:
+        for layer in x.get("layers") or []:
+            for representation in x.get("representations") or ["flatten"]:
+                wanted += [(c, str(x.get("backbone")), x.get("init"), str(layer),
+                            str(representation)) for c in categories]  # fmt: skip
+
+    def matches(fs: FeatureSetEntry, w: tuple[str, str, str | None, str, str]) -> bool:
+        return (fs.category, fs.backbone, fs.layer, fs.representation) == (
+            w[0], w[1], w[3], w[4]) and w[2] in (None, fs.init)  # fmt: skip
+
+    for w in wanted:
+        if not any(matches(fs, w) for fs in feature_sets):
+            name = f"{w[0]} {w[1]}-{w[2] or '*'} {w[3]} {w[4]}"
+            raise UserError(f"{listing}: no feature set {name} (extract.extractors lists it); "
+                            f"{RERUN_EXTRACT}")  # fmt: skip
+    for fs in feature_sets:
+        if not any(matches(fs, w) for w in wanted):
+            raise UserError(f"{listing}: lists {_label(fs)}, which extract.extractors does not "
+                            f"configure; {RERUN_EXTRACT}")  # fmt: skip
+
+
+def check_augmentation(params: EvaluateParams, transforms: dict[str, list[str]],
+                       categories: Sequence[str], where: str | Path) -> None:  # fmt: skip
+    """An ``augmented`` experiment must train on augmented images: ``both`` needs transforms
+    for every category."""
+    if params.augmentation != "both":
+        return
+    for category in categories:
+        if not transforms.get(category):
+            raise UserError(f"{where}: evaluate.augmentation: both plans augmented experiments for "
+                            f"'{category}', but augment.transforms.{category} is []: they would "
+                            "train on the original images only (use auto, or give it "
+                            "transforms)")  # fmt: skip
+
+
+class _Indexes:
+    """The image index and the augment stage's index, read (and checked against each other
+    and ``augment.transforms``) the first time a feature set's content hash is recomputed."""
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self._inputs: dict[str, tuple[list[str], list[str]]] | None = None
+
+    def inputs(self, category: str) -> tuple[list[str], list[str]]:
+        """Image ids and SHA-256 of the category's feature-set rows, in stored order."""
+        if self._inputs is None:
+            data, augment = self.root.data, self.root.augment
+            train = train_originals(data.index, data.categories)
+            augmented = check_augment_index(Path(augment.out) / AUGMENT_INDEX, train,
+                                            dict(augment.transforms), data.index)  # fmt: skip
+            table = read_index(data.index).select(["category", "image_id", "split", "sha256"])
+            originals: dict[str, list[dict[str, Any]]] = {c: [] for c in data.categories}
+            for row in table.to_pylist():
+                if row["category"] in originals:
+                    originals[row["category"]].append(row)
+            self._inputs = {}
+            for c in data.categories:
+                rows = feature_set_inputs(originals[c], augmented[c])
+                self._inputs[c] = ([r["image_id"] for r in rows], [r["sha256"] for r in rows])
+        return self._inputs[category]
+
+
+def check_feature_set(fs: FeatureSetEntry, augmented_wanted: Sequence[str] | None,
+                      indexes: _Indexes) -> None:  # fmt: skip
+    """One listed feature set before any experiment runs on it: its manifest is there and
+    is the one listed, its shards agree with the manifest (``check_shards``), and its rows
+    are the images it must hold. For a set the extract stage wrote (its manifest has the
+    extractor config) the content hash is recomputed from the current image and augment
+    indexes; otherwise the rows are read. ``augmented_wanted``: the transforms an augmented
+    experiment on it must train on (None: no augmented experiment planned).
+    """
+    manifest = require_manifest(fs.folder)
+    _check_hash(fs, manifest)
+    for name in ("n_rows", "dim"):
+        listed, stored = getattr(fs, name), manifest.get(name)
+        if listed is not None and stored is not None and int(listed) != int(stored):
+            raise UserError(f"{fs.folder}: {name} {stored} in its manifest, {listed} in "
+                            f"{FEATURE_SETS_FILE}; {RERUN_EXTRACT}")  # fmt: skip
+    check_shards(fs.folder, manifest)
+    if all(k in manifest for k in CONFIG_KEYS):
+        ids, hashes = indexes.inputs(fs.category)
+        expected = content_hash_of({k: manifest[k] for k in CONFIG_KEYS}, ids, hashes)
+        if expected != manifest.get("content_hash"):
+            data = indexes.root.data
+            raise UserError(f"{fs.folder}: features extracted from other images than "
+                            f"{data.index} and the augment index list now (content hash "
+                            f"differs); {RERUN_EXTRACT}")  # fmt: skip
+        return  # the rows are the indexes' images, augmented copies as configured
+    meta = load_feature_set(fs.folder, with_features=False)
+    seen: set[str] = set()
+    for image_id in meta.image_id:
+        if image_id in seen:
+            raise UserError(f"{fs.folder}: image {image_id} is in the feature set twice; "
+                            f"{RERUN_EXTRACT}")  # fmt: skip
+        seen.add(image_id)
+    if augmented_wanted is not None:
+        train = meta.split == "train"
+        sources = sorted(set(meta.source[train]) - {"original"})
+        if sorted(augmented_wanted) != sources:
+            raise UserError(f"{fs.folder}: augmented training rows are for transforms "
+                            f"{sources}, but augment.transforms.{fs.category} is "
+                            f"{list(augmented_wanted)}; {RERUN_EXTRACT}")  # fmt: skip
+
+
 def retry_requested(params: EvaluateParams) -> bool:
     return params.retry_failed or os.environ.get(RETRY_ENV, "") not in ("", "0", "false")
 
@@ -618,6 +795,8 @@ def _run(units: list[Unit], params: EvaluateParams, recorder: Recorder, client: 
                             "confirmed by a rerun alone on the cluster")  # fmt: skip
 
     def on_error(unit: Unit, exc: BaseException) -> None:
+        if isinstance(exc, UserError):  # an input problem (unreadable shard): no outcome
+            raise exc
         log.info("failed: %s: %s", unit.label(), error_text(exc))
         recorder.record_all(unit, "failed", error_text(exc))
 
@@ -648,15 +827,40 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
         detectors = expand_detectors(params.detectors, params.allow_test_detectors)
     except UserError as exc:
         raise UserError(f"{params_path}: {exc}") from None
-    remove_stale_temps(Path(params.summary).parent, recursive=False)
+    if client is None:
+        check_scheduler(params.engine, "evaluate.engine", params_path)
     extract_out = Path((root.extract or {}).get("out", "cache/features"))
-    feature_sets = read_feature_sets(extract_out / FEATURE_SETS_FILE)
+    listing = extract_out / FEATURE_SETS_FILE
+    feature_sets = read_feature_sets(listing)
+    # Inputs that belong together, before anything is written (one line: what to rerun).
+    check_listing(root, feature_sets, listing)
+    check_augmentation(params, root.augment.transforms, root.data.categories, params_path)
     grid = plan(feature_sets, root.augment.transforms, detectors, params.seeds,
                 params.augmentation)  # fmt: skip
+    indexes = _Indexes(root)
+    for fs, exps in grid:
+        augmented = any(e.augmented for e in exps)
+        check_feature_set(fs, root.augment.transforms.get(fs.category, []) if augmented
+                          else None, indexes)  # fmt: skip
+    with single_writer(params.db_url):  # one run per database: a second one is refused
+        remove_stale_temps(Path(params.summary).parent, recursive=False)
+        return _evaluate_grid(params, grid, feature_sets, detectors, client)
+
+
+def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, list[Planned]]],
+                   feature_sets: list[FeatureSetEntry], detectors: list[DetectorConfig],
+                   client: Client | None) -> dict[str, Any]:  # fmt: skip
+    """The checked grid against the database: run what is pending, write the summary."""
     keys = [e.key for _, exps in grid for e in exps]
     db = open_db(params.db_url)
     try:
         known = statuses(db, keys)
+        unread = [k for k, e in failed_errors(db, keys).items() if INPUT_FAILURE.search(e)]
+        for key in unread:
+            known[key] = "input"  # stored failed for an input problem: not final, rerun
+        if unread:
+            log.info("%d experiments stored as failed because their input could not be read "
+                     "(not an outcome of the experiment); running them again", len(unread))  # fmt: skip
         stored = threshold_settings(db, keys)
         other_q = [k for k, (q, _) in stored.items() if q != params.threshold_quantile]
         other_f = [k for k, (q, f) in stored.items()

@@ -8,6 +8,12 @@ configured layer, and each layer x representation becomes one feature set (see
 images after them as extra rows, so the same feature set serves the experiments with
 and without augmentation.
 
+Before anything is written the stage checks its inputs belong together: the image index
+lists every configured category, and the augment stage's index exists where a category has
+transforms, matches ``augment.transforms`` and was made from the training images the image
+index lists (``stages.augment.check_augment_index``); otherwise one line says which stage to
+rerun. A feature set's augmented rows are always the configured transforms.
+
 Resumable at shard granularity: a shard is written atomically with the hash of its rows'
 images and of the extractor config in its metadata, so after a kill (even SIGKILL) a rerun
 skips finished shards and recomputes only the rest; a feature set's ``manifest.json`` is
@@ -77,6 +83,8 @@ from pydantic import Field, model_validator
 from torch.utils.data import DataLoader, Dataset
 
 from stages import CODE_VERSION
+from stages.augment import INDEX as AUGMENT_INDEX
+from stages.augment import check_augment_index, train_originals
 from stages.backbones import (
     BACKBONES,
     INPUT_SIZE,
@@ -93,12 +101,13 @@ from stages.backbones import (
     represent,
     represented_shape,
 )
-from stages.engine import EngineParams, dask_client, run_units
+from stages.engine import EngineParams, check_scheduler, dask_client, run_units
 from stages.errors import UserError, run_cli, setup_logging
 from stages.features import (
     META_COLUMNS,
     ShardWriter,
     feature_set_dir,
+    feature_set_inputs,
     invalidate,
     read_manifest,
     shard_hash_of,
@@ -112,7 +121,7 @@ from stages.io import (
     tmp_name,
     write_json_atomic,
 )
-from stages.params import Section, load_params, load_section, stage_args
+from stages.params import OutputFolder, Section, load_params, load_section, stage_args
 from stages.progress import progress
 
 log = logging.getLogger("stages.extract")
@@ -141,7 +150,7 @@ class ExtractorParams(Section):
 class ExtractParams(Section):
     """The ``extract`` section of params.yaml (keys documented in the module docstring)."""
 
-    out: str = "cache/features"
+    out: OutputFolder = "cache/features"
     seed: int = 0
     batch_size: Annotated[int, Field(ge=1)] = 16
     num_workers: Annotated[int, Field(ge=0)] = 2
@@ -234,6 +243,7 @@ class WorkUnit:
     torch_threads: int = 1
     forward_streams: int = 2
     decoded_cache: bool = True
+    transforms: tuple[str, ...] = ()  # augment.transforms of the category
 
     def extractor_config(self, layer: str, representation: str) -> dict[str, Any]:
         """What determines a feature set's values (hashed into its shards and manifest)."""
@@ -256,7 +266,7 @@ def work_units(params_path: str | Path) -> list[WorkUnit]:
     extract = load_extract_params(params_path)
     # Absolute paths: a Dask worker may run in another directory (or on another machine
     # that mounts the same filesystem at the same place).
-    augment_index = str((Path(params.augment.out) / "index.parquet").resolve())
+    augment_index = str((Path(params.augment.out) / AUGMENT_INDEX).resolve())
     return [
         WorkUnit(
             category=category,
@@ -277,6 +287,7 @@ def work_units(params_path: str | Path) -> list[WorkUnit]:
             torch_threads=extract.torch_threads,
             forward_streams=extract.forward_streams,
             decoded_cache=extract.decoded_cache,
+            transforms=tuple(params.augment.transforms[category]),
         )
         for category in params.data.categories
         for extractor in extract.extractors
@@ -287,7 +298,11 @@ ROW_COLUMNS = (*META_COLUMNS, "path", "sha256")
 
 
 def unit_rows(unit: WorkUnit) -> dict[str, list[Any]]:
-    """The category's images in feature-set row order: train, test, then augmented train."""
+    """The category's images in feature-set row order: train, test, then augmented train.
+
+    The augmented images are checked against the image index and ``unit.transforms`` first
+    (``check_augment_index``): a feature set never holds other augmented rows than those.
+    """
     if not Path(unit.index).is_file():
         raise UserError(f"{unit.index}: dataset index not found (run the dataset stage first)")
     columns = ["category", "image_id", "split", "defect_type", "is_anomaly", "path", "sha256"]
@@ -295,27 +310,23 @@ def unit_rows(unit: WorkUnit) -> dict[str, list[Any]]:
     originals = [r for r in table if r["category"] == unit.category]
     if not originals:
         raise UserError(f"{unit.index}: no images of category '{unit.category}'")
-    originals.sort(key=lambda r: (r["split"] != "train", r["image_id"]))
-    rows = [{**r, "source": "original"} for r in originals]
-    if Path(unit.augment_index).is_file():
-        columns = ["category", "image_id", "transform", "path", "sha256"]
-        augmented = pq.read_table(unit.augment_index, columns=columns).to_pylist()
-        augmented = sorted(
-            (r for r in augmented if r["category"] == unit.category), key=lambda r: r["image_id"]
-        )
-        rows += [
-            {
-                **r,
-                "split": "train",
-                "source": r["transform"],
-                "defect_type": "good",
-                "is_anomaly": False,
-            }
-            for r in augmented
-        ]
+    train = {unit.category: [r for r in originals if r["split"] == "train"]}
+    augmented = check_augment_index(unit.augment_index, train,
+                                    {unit.category: list(unit.transforms)}, unit.index)  # fmt: skip
+    rows = feature_set_inputs(originals, augmented[unit.category])
     for r in rows:
         r["path"] = str(Path(unit.workdir) / r["path"])  # absolute paths stay as they are
     return {c: [r[c] for r in rows] for c in ROW_COLUMNS}
+
+
+def check_inputs(params_path: str | Path) -> None:
+    """Before anything is written: the image index lists every configured category, and the
+    augment index matches it and ``augment.transforms`` (one line naming the stage to rerun)."""
+    params = load_params(params_path)
+    originals = train_originals(params.data.index, params.data.categories)
+    augment_index = Path(params.augment.out) / AUGMENT_INDEX
+    check_augment_index(augment_index, originals, dict(params.augment.transforms),
+                        params.data.index)  # fmt: skip
 
 
 DECODED_DIR = "_decoded"
@@ -399,6 +410,20 @@ class _FeatureSet:
     done: list[bool]
 
 
+def _agrees(folder: Path, manifest: dict[str, Any], n_rows: int, n_shards: int) -> bool:
+    """A manifest over finished shards also states their rows, names and dimension (one
+    edited by hand, or torn, is written again)."""
+    if manifest.get("n_rows") != n_rows or manifest.get("shards") != [
+        shard_name(k) for k in range(n_shards)
+    ]:
+        return False
+    try:
+        dim = pq.read_schema(folder / shard_name(0)).field("feature").type.list_size
+    except (OSError, KeyError, ValueError):
+        return False
+    return manifest.get("dim") == dim and manifest.get("shape") == [n_rows, dim]
+
+
 def _plan(unit: WorkUnit, rows: dict[str, list[Any]]) -> tuple[list[_FeatureSet], list[range]]:
     n = len(rows["image_id"])
     chunks = [range(s, min(s + unit.shard_rows, n)) for s in range(0, n, unit.shard_rows)]
@@ -418,13 +443,17 @@ def _plan(unit: WorkUnit, rows: dict[str, list[Any]]) -> tuple[list[_FeatureSet]
                 for chunk in chunks
             ]
             content_hash = stable_hash({"config": config, "inputs": inputs})
-            manifest = read_manifest(folder)
+            try:
+                manifest = read_manifest(folder)
+            except UserError:  # not a manifest (torn, edited): written again
+                manifest = None
             done = [shard_hash_of(folder / shard_name(k)) == h for k, h in enumerate(shard_hashes)]
             current = (
                 manifest is not None
                 and manifest.get("content_hash") == content_hash
                 and manifest.get("shard_hashes") == shard_hashes
                 and all(done)
+                and _agrees(folder, manifest, n, len(chunks))
             )
             if not current:
                 invalidate(folder)  # never leave a manifest over shards about to change
@@ -446,6 +475,7 @@ def extract_unit(unit: WorkUnit | dict[str, Any]) -> dict[str, Any]:
                 **{k: v for k, v in unit.items() if not k.startswith("_")},
                 "layers": tuple(unit["layers"]),
                 "representations": tuple(unit["representations"]),
+                "transforms": tuple(unit.get("transforms", ())),
             }
         )
     started = time.perf_counter()
@@ -459,16 +489,15 @@ def extract_unit(unit: WorkUnit | dict[str, Any]) -> dict[str, Any]:
             "%s: %d of %d shards already done, skipped", name, skipped, len(chunks) * len(sets)
         )
     if pending:
-        missing = [
-            p
-            for k in pending
-            for p in (rows["path"][i] for i in chunks[k])
-            if not Path(p).is_file()
-        ]
+        missing = [i for k in pending for i in chunks[k] if not Path(rows["path"][i]).is_file()]
         if missing:
-            raise UserError(
-                f"{missing[0]}: image listed in {unit.index} not found (rerun the dataset stage)"
-            )
+            i = missing[0]
+            if rows["source"][i] == "original":
+                raise UserError(f"{rows['path'][i]}: image listed in {unit.index} not found "
+                                "(rerun the dataset stage)")  # fmt: skip
+            raise UserError(f"{rows['path'][i]}: augmented image listed in "
+                            f"{unit.augment_index} not found (rerun the augment stage: "
+                            "dvc repro augment)")  # fmt: skip
         _compute(unit, rows, sets, [chunks[k] for k in pending], name)
     entries = [_finish(unit, fs, len(chunks), len(rows["image_id"])) for fs in sets]
     return {
@@ -698,7 +727,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = stage_args("Extract backbone features of every image into Parquet feature sets.", argv)
     setup_logging("extract")
     units = work_units(args.params)
+    check_inputs(args.params)  # before anything is written
     engine = load_extract_params(args.params).engine
+    check_scheduler(engine, "extract.engine", args.params)
     out = Path(units[0].out)
     removed = remove_stale_temps(out)
     if removed:

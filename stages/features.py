@@ -6,6 +6,13 @@ holding ``part-NNNNN.parquet`` shards and ``manifest.json``. The manifest is wri
 ``image_id`` (e.g. ``train/good/000`` or ``train/good/000@rot90``), ``split`` (train/test),
 ``source`` (``original`` or the augmentation transform), ``defect_type``, ``is_anomaly``,
 and ``feature``, a fixed-size list of float32 (or float16).
+
+Reading checks what it reads: a missing, truncated or unreadable shard, a manifest that is
+not valid JSON, or shards that disagree with their manifest (rows, dimension, the shard hash
+each was written for) are one-line ``UserError``s saying to rerun the extract stage, never
+data for an experiment. ``feature_set_inputs`` is the one definition of a category's rows
+(train originals, test, then augmented copies) from the image indexes, so the evaluate stage
+can recompute a feature set's content hash from them and tell stale features.
 """
 
 from __future__ import annotations
@@ -22,10 +29,41 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.errors import UserError
-from stages.io import atomic_path, is_disk_full, write_json_atomic
+from stages.io import atomic_path, is_disk_full, stable_hash, write_json_atomic
 
 MANIFEST = "manifest.json"
 META_COLUMNS = ("image_id", "split", "source", "defect_type", "is_anomaly")
+RERUN = "rerun the extract stage (dvc repro extract)"
+# What a feature set's values depend on besides its images (the extract stage's config,
+# recorded in the manifest and hashed with the images into ``content_hash``).
+CONFIG_KEYS = ("backbone", "init", "weights", "seed", "layer", "representation", "dtype", "crop",
+               "code_version")  # fmt: skip
+
+
+def feature_set_inputs(
+    originals: list[dict[str, Any]], augmented: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """A category's feature-set rows in stored order: train originals, then test images (each
+    by image id), then the augmented training copies by image id, with ``source``
+    (``original`` or the transform) and, for the copies, ``split``/``defect_type``/
+    ``is_anomaly`` of a good training image."""
+    rows = [{**r, "source": "original"} for r in sorted(
+        originals, key=lambda r: (r["split"] != "train", r["image_id"]))]  # fmt: skip
+    rows += [
+        {**r, "split": "train", "source": r["transform"], "defect_type": "good",
+         "is_anomaly": False}
+        for r in sorted(augmented, key=lambda r: r["image_id"])
+    ]  # fmt: skip
+    return rows
+
+
+def content_hash_of(config: dict[str, Any], image_ids: list[str], hashes: list[str]) -> str:
+    """A feature set's content hash: its extractor config and its images, in row order."""
+    return stable_hash({"config": config, "inputs": list(zip(image_ids, hashes, strict=True))})
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def feature_set_dir(
@@ -70,22 +108,80 @@ class FeatureSet:
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    """The manifest of a complete feature set, or None when the set is absent or partial."""
+    """The manifest of a complete feature set, or None when the set is absent or partial;
+    ``UserError`` when it is not a manifest (not JSON, no shard list)."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(
+            f"{path}: unreadable feature-set manifest ({_reason(exc)}); {RERUN}"
+        ) from None
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(n, str) for n in shards):
+        raise UserError(f"{path}: not a feature-set manifest (no list of shards); {RERUN}")
+    return manifest
+
+
+def require_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of a complete feature set; ``UserError`` when it is missing."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise UserError(f"{folder}: feature set incomplete (no {MANIFEST}); {RERUN}")
+    return manifest
+
+
+def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One shard, or ``UserError`` naming it when it is missing or unreadable (truncated)."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except FileNotFoundError:
+        raise UserError(f"{path}: feature shard missing (listed in {MANIFEST}); {RERUN}") from None
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise UserError(f"{path}: unreadable feature shard ({_reason(exc)}); {RERUN}") from None
+
+
+def check_shards(folder: str | Path, manifest: dict[str, Any]) -> None:
+    """The shards agree with the manifest, from their footers (no data read): each is there
+    and readable, holds ``dim`` values per row and the ``shard_hash`` the manifest lists,
+    and together the manifest's ``n_rows``. ``UserError`` naming the shard otherwise."""
+    folder = Path(folder)
+    total = 0
+    hashes = manifest.get("shard_hashes")
+    for k, name in enumerate(manifest["shards"]):
+        path = folder / name
+        try:
+            meta = pq.read_metadata(path)
+            schema = meta.schema.to_arrow_schema()
+        except FileNotFoundError:
+            raise UserError(
+                f"{path}: feature shard missing (listed in {MANIFEST}); {RERUN}"
+            ) from None
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            raise UserError(f"{path}: unreadable feature shard ({_reason(exc)}); {RERUN}") from None
+        field = schema.field("feature") if "feature" in schema.names else None
+        dim = manifest.get("dim")
+        if field is None or (dim is not None and getattr(field.type, "list_size", None) != dim):
+            raise UserError(f"{path}: feature shard does not hold the {dim}-value rows "
+                            f"{MANIFEST} lists; {RERUN}")  # fmt: skip
+        if isinstance(hashes, list) and k < len(hashes):
+            stored = (schema.metadata or {}).get(SHARD_HASH_KEY)
+            if stored is None or stored.decode() != hashes[k]:
+                raise UserError(f"{path}: feature shard not the one {MANIFEST} was written "
+                                f"with (another shard hash); {RERUN}")  # fmt: skip
+        total += meta.num_rows
+    if manifest.get("n_rows") is not None and total != int(manifest["n_rows"]):
+        raise UserError(f"{folder}: shards hold {total} rows, {MANIFEST} says "
+                        f"{manifest['n_rows']}; {RERUN}")  # fmt: skip
 
 
 def iter_shard_tables(folder: str | Path, columns: list[str] | None = None):
     """Yield the shards of a complete feature set one by one (bounded memory)."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise UserError(
-            f"{folder}: feature set incomplete (no {MANIFEST}); rerun the extract stage"
-        )
+    manifest = require_manifest(folder)
     for name in manifest["shards"]:
-        yield pq.read_table(Path(folder) / name, columns=columns)
+        yield read_shard(Path(folder) / name, columns=columns)
 
 
 def feature_matrix(table: pa.Table, dtype: type = np.float32) -> np.ndarray:
@@ -112,16 +208,12 @@ def load_feature_set(
     ones (the stored order is train originals, test, augmented), so that both training
     sets are contiguous and a detector can train on a view instead of a copy.
     """
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise UserError(
-            f"{folder}: feature set incomplete (no {MANIFEST}); rerun the extract stage"
-        )
+    manifest = require_manifest(folder)
     n_rows = int(manifest.get("n_rows") or 0)
     dim = int(manifest.get("dim") or 0) if with_features else 0
     table = pa.concat_tables(iter_shard_tables(folder, columns=list(META_COLUMNS)))
     meta = {c: table.column(c).to_numpy(zero_copy_only=False) for c in META_COLUMNS}
-    mismatch = f"{folder}: shards do not match {MANIFEST} (rerun the extract stage)"
+    mismatch = f"{folder}: shards do not match {MANIFEST}; {RERUN}"
     if table.num_rows != n_rows:
         raise UserError(mismatch)
     position = None  # stored row -> row in memory, where they differ

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from stages.errors import UserError, run_cli
 from stages.io import atomic_path
 from stages.metrics import predict
-from stages.params import DEFAULT_PARAMS, load_params
+from stages.params import DEFAULT_PARAMS, load_params, path_problem
 from stages.results_db import FINAL_NOT_DONE, Experiment, Image, Score, open_db
 
 DEFAULT_DB_URL = "sqlite:///results/results.sqlite"
@@ -49,10 +49,11 @@ COLUMNS = {c.name: c for c in Experiment.__table__.columns}
 
 
 def db_url(params_path: str | Path, override: str | None) -> str:
-    """``--db`` if given, else ``evaluate.db_url`` of the params file (or its default)."""
+    """``--db`` if given, else ``evaluate.db_url`` of the params file (or its default when
+    the default params file is absent; a ``--params`` file named that is absent is an error)."""
     if override:
         return override
-    if not Path(params_path).exists():
+    if str(params_path) == DEFAULT_PARAMS and not Path(params_path).exists():
         return DEFAULT_DB_URL
     return (load_params(params_path).evaluate or {}).get("db_url", DEFAULT_DB_URL)
 
@@ -153,6 +154,9 @@ def submission(engine: Engine, key: str) -> list[tuple[int, str, int]]:
 
 def write_submission(engine: Engine, key: str, out: str | Path) -> int:
     """Write the submission CSV (``-``: stdout); returns the number of rows."""
+    problem = None if str(out) == "-" else path_problem(str(out), "output-file")
+    if problem:
+        raise UserError(f"{out}: {problem} (the output CSV of export-submission)")
     rows = submission(engine, key)
     if str(out) == "-":
         _write_rows(sys.stdout, rows)

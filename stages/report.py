@@ -67,7 +67,7 @@ from stages.metrics import (
     ranking_scores,
     tie_safe_scores,
 )
-from stages.params import Section, load_params, load_section, stage_args
+from stages.params import OutputFolder, Section, load_params, load_section, stage_args
 from stages.results_db import STATUSES, Experiment, Image, Score, open_db
 
 log = logging.getLogger("stages.report")
@@ -82,7 +82,7 @@ SEEDS_HINT = "`evaluate.seeds: [0, 1, 2, 3, 4]`"
 class ReportParams(Section):
     """The ``report`` section of params.yaml."""
 
-    out: str = "results"
+    out: OutputFolder = "results"
     top_n: Annotated[int, Field(ge=1)] = 10
     roc_best_per_category: Annotated[int, Field(ge=1)] = 3
     scope: Literal["grid", "all"] = "grid"
@@ -585,6 +585,8 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
     figures, roc_dir = out / "figures", out / "plots" / "roc"
     _clear(figures, "*.png")
     _clear(roc_dir, "*.csv")
+    for folder in (figures, roc_dir):  # declared outputs: present even when empty
+        folder.mkdir(parents=True, exist_ok=True)
     n_cat = len(categories)
     parts = [
         "# Results report",
@@ -603,7 +605,12 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
     ))  # fmt: skip
     parts.append(_section("Dataset", _dataset_section(stats_dir)))
     if not done:
-        parts.append("No done experiments: nothing more to report.")
+        why = (
+            "No experiments of the current grid are stored yet (run the evaluate stage)"
+            if not rows
+            else "No experiment is done (see the counts above)"
+        )
+        parts.append(f"{why}: no tables, figures or curves to report.")
         return "\n\n".join(parts) + "\n"
 
     # Table 4 with the honest column.
@@ -787,9 +794,9 @@ def report(params_path: str | Path) -> Report:
     engine = open_db(db_url, read_only=True)  # the evaluate stage's output: never written
     try:
         rows = read_experiments(engine, keys)
-        if not rows:
-            raise UserError(f"{db_url}: no experiments stored (scope {params.scope}); run the "
-                            "evaluate stage first")  # fmt: skip
+        if not rows:  # said in the report (and here), not a failure: nothing is done yet
+            log.warning("%s: no experiments stored (scope %s); the report says so",
+                        db_url, params.scope)  # fmt: skip
         done = latest_done(rows)
         categories = ordered_categories(done, root.data.categories)
         best = best_per_category(done)

@@ -19,13 +19,25 @@ Only the stage process writes (workers return results to it), so upserts are pla
 select-then-insert/update inside one transaction per work unit, which works the same on
 SQLite and PostgreSQL and is idempotent on ``key``. ``open_db`` adds columns that a
 database written by an older version lacks (all such columns are nullable).
+
+One evaluate run per database at a time (``single_writer``): for a SQLite file an
+exclusive ``flock`` on ``<database>.lock`` next to it (the kernel releases it when the
+process ends, however it ends, so a killed run never leaves it behind; the file holds the
+holder's pid and host for the refusal message); for PostgreSQL a session advisory lock
+(released when the connection closes). A second run refuses with one line naming the
+first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import math
+import os
+import socket
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -219,6 +231,7 @@ def open_db(url: str, read_only: bool = False) -> Engine:
     except ArgumentError:
         raise UserError(f"evaluate.db_url: not a database URL: {url!r}") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        _check_sqlite_file(Path(parsed.database))
         if read_only and not Path(parsed.database).is_file():
             raise UserError(f"{parsed.database}: results database not found (evaluate.db_url; "
                             "run the evaluate stage first)")  # fmt: skip
@@ -235,9 +248,10 @@ def open_db(url: str, read_only: bool = False) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
-        if read_only:
-            _check_schema(engine, url)
-        else:
+        problem = _schema_problem(engine, read_only)
+        if problem:
+            raise UserError(problem)
+        if not read_only:
             Base.metadata.create_all(engine)
             _add_missing_columns(engine)
             if engine.dialect.name == "sqlite":
@@ -245,9 +259,9 @@ def open_db(url: str, read_only: bool = False) -> Engine:
     except OperationalError as exc:
         if engine.dialect.name == "sqlite" and not read_only:
             raise _not_writable(engine, str(exc.orig or exc)) from None
-        raise UserError(f"evaluate.db_url: cannot open {url!r}: {exc.__class__.__name__}") from None
+        raise _unusable(engine, exc) from None
     except SQLAlchemyError as exc:
-        raise UserError(f"evaluate.db_url: cannot open {url!r}: {exc.__class__.__name__}") from None
+        raise _unusable(engine, exc) from None
     return engine
 
 
@@ -284,8 +298,79 @@ def _not_writable(engine: Engine, reason: str) -> UserError:
     )
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+NEW_DATABASE = ("move it away or point evaluate.db_url at another file, then run the evaluate "
+                "stage (it creates a new database)")  # fmt: skip
+
+
+def _db_name(engine: Engine) -> str:
+    """The SQLite file, or the URL without its password: what messages name."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        return url.database
+    return url.render_as_string(hide_password=True)
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """One line when a SQLite database path is a folder, or a file that is not SQLite."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a SQLite database file "
+                        f"(evaluate.db_url): {NEW_DATABASE}")  # fmt: skip
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the results database ({exc.strerror or exc}; "
+                        "evaluate.db_url)") from None  # fmt: skip
+    if head and head != SQLITE_HEADER:  # an empty file is an empty database
+        raise UserError(f"{path}: not a SQLite database (evaluate.db_url): {NEW_DATABASE}")
+
+
+def _unusable(engine: Engine, exc: SQLAlchemyError) -> UserError:
+    """One line for a database the driver refuses (corrupt file, server down, ...)."""
+    reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:200]
+    if engine.dialect.name == "sqlite" and ("not a database" in reason or "malformed" in reason):
+        return UserError(f"{_db_name(engine)}: not a usable SQLite database ({reason}; "
+                         f"evaluate.db_url): {NEW_DATABASE}")  # fmt: skip
+    return UserError(f"{_db_name(engine)}: cannot open the results database ({reason}; "
+                     "evaluate.db_url)")  # fmt: skip
+
+
+def _schema_problem(engine: Engine, read_only: bool) -> str | None:
+    """What is wrong with the tables of an existing database, as one line, or None.
+
+    The one piece of advice the evaluate stage (the writer) and its readers (report, query)
+    give: columns an older evaluate stage did not write are nullable and the evaluate stage
+    adds them (so only readers complain); a table lacking a required column was written by
+    an incompatible version or another program, and no stage can use it.
+    """
+    inspector = inspect(engine)
+    name = _db_name(engine)
+    older = None
+    for table in Base.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            if read_only:
+                return f"{name}: no table {table.name}; run the evaluate stage first"
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        missing = [c for c in table.columns if c.name not in present]
+        required = [c.name for c in missing if not c.nullable]
+        if required:
+            return (f"{name}: table {table.name} lacks {', '.join(required)} (not written by "
+                    "this pipeline's evaluate stage, or by an incompatible version; "
+                    f"evaluate.db_url): {NEW_DATABASE}")  # fmt: skip
+        if missing and read_only and older is None:
+            older = (f"{name}: table {table.name} lacks {', '.join(c.name for c in missing)} "
+                     "(written by an older evaluate stage; evaluate.db_url): run the evaluate "
+                     "stage, which adds them and keeps the finished experiments")  # fmt: skip
+    return older
+
+
 def _add_missing_columns(engine: Engine) -> None:
-    """``ALTER TABLE ... ADD COLUMN`` for nullable columns an older database lacks."""
+    """``ALTER TABLE ... ADD COLUMN`` for the nullable columns an older database lacks
+    (``_schema_problem`` has refused a database lacking a required one)."""
     for table in Base.metadata.sorted_tables:
         present = {c["name"] for c in inspect(engine).get_columns(table.name)}
         missing = [c for c in table.columns if c.name not in present]
@@ -293,24 +378,8 @@ def _add_missing_columns(engine: Engine) -> None:
             continue
         with engine.begin() as conn:
             for column in missing:
-                if not column.nullable:
-                    raise UserError(f"{engine.url}: table {table.name} lacks column "
-                                    f"{column.name}; recreate the database")  # fmt: skip
                 kind = column.type.compile(dialect=engine.dialect)
                 conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
-
-
-def _check_schema(engine: Engine, url: str) -> None:
-    """``UserError`` unless every table and column of the models exists."""
-    inspector = inspect(engine)
-    for table in Base.metadata.sorted_tables:
-        if not inspector.has_table(table.name):
-            raise UserError(f"{url}: no table {table.name}; run the evaluate stage first")
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        missing = [c.name for c in table.columns if c.name not in present]
-        if missing:
-            raise UserError(f"{url}: table {table.name} lacks {', '.join(missing)} (written by "
-                            "an older evaluate stage); rerun the evaluate stage")  # fmt: skip
 
 
 def threshold_settings(
@@ -323,6 +392,14 @@ def threshold_settings(
                    Experiment.threshold_folds).where(Experiment.status == "done")  # fmt: skip
     with Session(engine) as session:
         return {k: (q, f) for k, q, f in session.execute(query) if k in wanted}
+
+
+def failed_errors(engine: Engine, keys: Iterable[str]) -> dict[str, str]:
+    """``key -> error`` of the stored ``failed`` experiments among ``keys``."""
+    wanted = set(keys)
+    query = select(Experiment.key, Experiment.error).where(Experiment.status == "failed")
+    with Session(engine) as session:
+        return {k: e or "" for k, e in session.execute(query) if k in wanted}
 
 
 def statuses(engine: Engine, keys: Iterable[str] | None = None) -> dict[str, str]:
@@ -461,3 +538,103 @@ def _upsert(engine: Engine, rows: Sequence[ExperimentRow], code_version: str) ->
         ]  # fmt: skip
         if score_rows:
             session.execute(insert(Score), score_rows)
+
+
+# --- one writer at a time ---------------------------------------------------------------------
+
+LOCK_SUFFIX = ".lock"
+PG_LOCK_KEY = 0x00D_E7A1  # the advisory lock id of "an evaluate run writes this database"
+
+
+def lock_path(url: str) -> Path | None:
+    """The lock file of a SQLite database file (``<database>.lock``), else None."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UserError(f"evaluate.db_url: not a database URL: {url!r}") from None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database + LOCK_SUFFIX)
+
+
+def _holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+@contextlib.contextmanager
+def single_writer(url: str, what: str = "evaluate") -> Iterator[None]:
+    """Hold the database's writer lock for the body, or refuse with one line (``UserError``)
+    naming the run that holds it. No lock for other backends (logged by the caller)."""
+    path = lock_path(url)
+    if path is None:
+        if make_url(url).get_backend_name() == "postgresql":
+            with _pg_lock(url, what):
+                yield
+        else:
+            yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # a missing folder is created
+    except OSError as exc:
+        raise UserError(f"{path.parent}: cannot create the folder of the results database "
+                        f"(evaluate.db_url): {exc.strerror or exc}") from None  # fmt: skip
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot create the lock file of the results database "
+                        f"(evaluate.db_url): {exc.strerror or exc}") from None  # fmt: skip
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+            raise UserError(
+                f"{path.with_suffix('')}: another {what} run is writing this results database "
+                f"({holder}; lock {path}): wait for it to finish or stop it, then rerun "
+                "(a stopped or killed run releases the lock at once)"
+            ) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock (and so does the kernel, if the process dies)
+
+
+@contextlib.contextmanager
+def _pg_lock(url: str, what: str) -> Iterator[None]:
+    """A session advisory lock on PostgreSQL, held by one connection for the body (the
+    server releases it when that connection ends, e.g. when the run is killed)."""
+    engine = create_engine(make_url(url))
+    try:
+        try:
+            conn = engine.connect()
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": PG_LOCK_KEY})
+            locked = bool(got.scalar())
+            row = None
+            if not locked:
+                row = conn.execute(text(
+                    "SELECT a.pid, a.client_addr FROM pg_locks l JOIN pg_stat_activity a "
+                    "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+                    "AND l.objid = :k"), {"k": PG_LOCK_KEY}).first()  # fmt: skip
+                conn.close()
+        except SQLAlchemyError as exc:
+            raise UserError(f"evaluate.db_url: cannot open {url!r}: "
+                            f"{exc.__class__.__name__}") from None  # fmt: skip
+        if not locked:
+            holder = "holder unknown" if row is None else f"server pid {row[0]} from {row[1]}"
+            raise UserError(f"evaluate.db_url: another {what} run is writing {url!r} "
+                            f"({holder}): wait for it to finish or stop it, then rerun")  # fmt: skip
+        try:
+            yield
+        finally:
+            with contextlib.suppress(SQLAlchemyError):
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_LOCK_KEY})
+            conn.close()
+    finally:
+        engine.dispose()

@@ -94,6 +94,7 @@ def make_dataset(
                         "transform": transform,
                         "path": str(aug_path),
                         "sha256": sha256_file(root / aug_path),
+                        "source_sha256": rows[-1]["sha256"],
                     }
                 )
     index = root / "cache/dataset/index.parquet"
@@ -102,7 +103,15 @@ def make_dataset(
     augment_schema = pa.schema(
         [
             (name, pa.string())
-            for name in ("category", "image_id", "source_image_id", "transform", "path", "sha256")
+            for name in (
+                "category",
+                "image_id",
+                "source_image_id",
+                "transform",
+                "path",
+                "sha256",
+                "source_sha256",
+            )
         ]
     )
     augment_index = root / "cache/augment/index.parquet"

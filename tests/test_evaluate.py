@@ -200,7 +200,11 @@ def test_crash_and_hang_give_one_crashed_and_one_timeout_row(tmp_path, client):
 
 
 def test_failed_experiments_are_retried_only_when_asked(tmp_path, client, monkeypatch):
-    detectors = [{"family": "KernelDensity", "grid": {"metric": ["euclidean", "no-such-metric"]}}]
+    # max_features > the 16 feature dimensions: valid for scikit-learn's parameter check, so
+    # planned, but the fit fails on these features (an outcome of the experiment). A value
+    # scikit-learn rejects outright (e.g. metric: no-such-metric) is a params error instead.
+    detectors = [{"family": "IsolationForest", "grid": {"max_features": [1, 1000]},
+                  "fixed": {"n_estimators": 10}}]  # fmt: skip
     params = make_workspace(tmp_path, categories={"screw": []}, extractors=[EXTRACTOR],
                             evaluate={"detectors": detectors})  # fmt: skip
     first = evaluate(params, client=client)
@@ -211,7 +215,7 @@ def test_failed_experiments_are_retried_only_when_asked(tmp_path, client, monkey
     assert (retried["ran"], retried["done"], retried["failed"]) == (1, 1, 1)
     rows = {r["status"]: r for r in experiments(_db(params))}
     assert rows["failed"]["attempts"] == 2 and rows["done"]["attempts"] == 1
-    assert "no-such-metric" in rows["failed"]["error"]
+    assert "max_features" in rows["failed"]["error"]
 
 
 # --- resume after SIGKILL --------------------------------------------------------------------

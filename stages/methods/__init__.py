@@ -16,7 +16,14 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.errors import UserError
-from stages.methods.base import DetectorConfig, Family, Outcome, Scored, error_text
+from stages.methods.base import (
+    DetectorConfig,
+    Family,
+    HyperparameterError,
+    Outcome,
+    Scored,
+    error_text,
+)
 from stages.methods.elliptic import EllipticEnvelopeFamily
 from stages.methods.faults import CrashFamily, HangFamily
 from stages.methods.iforest import IsolationForestFamily
@@ -74,6 +81,21 @@ def _check(family: Family, key: str, value: Any, where: str) -> None:
         raise UserError(f"{where}: {err['msg']} (got {value!r})") from None
 
 
+def _validate(family: Family, config: DetectorConfig, spec: DetectorSpec, where: str) -> None:
+    """scikit-learn's own validation of the config's values, at plan time: a value it rejects
+    would fail every experiment of the config, so it is a params error naming the key."""
+    try:
+        family.validate(config)
+    except HyperparameterError as exc:
+        if exc.key in spec.grid:
+            at = f"{where}.grid.{exc.key}"
+        elif exc.key in spec.fixed:
+            at = f"{where}.fixed.{exc.key}"
+        else:
+            at = where
+        raise UserError(f"{at}: {exc} (config {config.name})") from None
+
+
 def expand_detectors(
     specs: Sequence[DetectorSpec | dict[str, Any]],
     allow_test_detectors: bool = False,
@@ -105,6 +127,7 @@ def expand_detectors(
         for combo in itertools.product(*(spec.grid[n] for n in names)):
             params = tuple(sorted({**spec.fixed, **dict(zip(names, combo, strict=True))}.items()))
             config = DetectorConfig(spec.family, params)
+            _validate(family, config, spec, where)
             if config in seen:
                 raise UserError(f"{where}: {config.name} is already in "
                                 f"{section}[{seen[config]}]")  # fmt: skip

@@ -17,6 +17,7 @@ Scores are oriented so that higher means more anomalous.
 
 from __future__ import annotations
 
+import re
 import time
 import traceback
 import warnings
@@ -29,7 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils._param_validation import InvalidParameterError
 
+from stages.errors import UserError
 from stages.io import stable_hash
 
 if TYPE_CHECKING:
@@ -122,6 +125,28 @@ def in_sample_scores(model: BaseEstimator, X_train: np.ndarray) -> np.ndarray | 
         return None
 
 
+class HyperparameterError(ValueError):
+    """A hyperparameter value the family's estimator rejects whatever the data: ``key`` names it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _sorted_sets(text: str) -> str:
+    """scikit-learn lists allowed values as a Python set (no fixed order): sort them."""
+
+    def order(match: re.Match[str]) -> str:
+        items = sorted(item.strip() for item in match.group(1).split(","))
+        return "{" + ", ".join(items) + "}"
+
+    return re.sub(r"\{([^{}]*)\}", order, " ".join(text.split()))
+
+
+# Rows a probe fit runs on: a few generic vectors (what a probed hyperparameter must work on).
+_PROBE_X = np.random.default_rng(0).normal(size=(12, 4))
+
+
 def nonfinite_error(n_bad: int) -> str:
     return (f"ValueError: Input contains NaN or infinity: {n_bad} of the train/test rows "
             "have non-finite features (shared computation)")  # fmt: skip
@@ -137,6 +162,41 @@ class Family:
     # The shared path fails the whole group, as scikit-learn's input check does, when a
     # query row has a non-finite feature (a family whose estimator accepts NaN sets False).
     needs_finite: ClassVar[bool] = True
+    # Hyperparameters that scikit-learn's parameter validation accepts but a fit may still
+    # reject whatever the data (a distance metric that needs extra arguments): checked at
+    # plan time by fitting the estimator with only these set on a few generic vectors.
+    probed: ClassVar[tuple[str, ...]] = ()
+
+    # --- validation at plan time -----------------------------------------------------------
+    def checked_estimators(
+        self, params: dict[str, Any]
+    ) -> list[tuple[BaseEstimator, dict[str, str]]]:
+        """The scikit-learn estimators a config builds, each with a map from its parameter
+        names to the family's hyperparameter names where they differ; their own parameter
+        validation (``_validate_params``) must accept the config. By default the family's
+        estimator itself."""
+        return [(self.estimator(params, 0), {})]
+
+    def validate(self, config: DetectorConfig) -> None:
+        """Raise ``HyperparameterError`` naming the key when scikit-learn rejects a value of
+        ``config`` (its own parameter validation, then a probe fit of ``probed`` keys):
+        what would fail every experiment of the config fails the plan instead."""
+        params = self.hyperparams(config).model_dump()
+        for estimator, names in self.checked_estimators(params):
+            if getattr(type(estimator), "_parameter_constraints", None) is None:
+                continue  # not a scikit-learn estimator: the pydantic model checked it
+            try:
+                estimator._validate_params()
+            except InvalidParameterError as exc:
+                found = re.match(r"The '(\w+)' parameter", str(exc))
+                name = found.group(1) if found else ""
+                raise HyperparameterError(
+                    names.get(name, name),
+                    f"scikit-learn's {type(estimator).__name__} rejects it: {_sorted_sets(str(exc))}",
+                ) from None
+        probe = {k: v for k, v in config.kwargs.items() if k in self.probed}
+        if probe:
+            _probe(self, tuple(sorted(probe.items())))
 
     # --- the plain reference: one estimator per config ----------------------------------
     def estimator(self, params: dict[str, Any], seed: int) -> BaseEstimator:
@@ -211,6 +271,8 @@ class Family:
                 warnings.simplefilter("ignore")
                 try:
                     results = list(self.shared(data, split, configs, seed))
+                except UserError:  # an input problem (an unreadable shard): stops the stage
+                    raise
                 except Exception as exc:  # the whole group failed: each config records why
                     results = [exc] * len(configs)
         own = time.perf_counter() - t0
@@ -229,6 +291,34 @@ class Family:
                                     maps=scored.maps, group_s=own,
                                     group_size=len(configs)))  # fmt: skip
         return outcomes
+
+
+def _probe_fit(family: Family, params: dict[str, Any]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = family.estimator(params, 0).fit(_PROBE_X)
+        model.score_samples(_PROBE_X[:2])
+
+
+_probed: dict[tuple[str, tuple], str | None] = {}
+
+
+def _probe(family: Family, items: tuple[tuple[str, Any], ...]) -> None:
+    """A fit with only the probed keys set; cached (one fit per distinct value set)."""
+    cache_key = (family.name, items)
+    if cache_key not in _probed:
+        try:
+            _probe_fit(family, dict(items))
+            _probed[cache_key] = None
+        except Exception as exc:
+            text = " ".join(f"{type(exc).__name__}: {exc}".split())
+            _probed[cache_key] = text[:300]
+    error = _probed[cache_key]
+    if error is not None:
+        shown = ", ".join(f"{k}={v!r}" for k, v in items)
+        raise HyperparameterError(items[0][0], f"scikit-learn's {family.name} cannot fit with "
+                                  f"{shown} (tried on a few generic feature vectors): "
+                                  f"{error}")  # fmt: skip
 
 
 class SklearnFamily(Family):
@@ -292,6 +382,12 @@ class PCAFamily(Family):
 
     def estimator(self, params: dict[str, Any], seed: int) -> BaseEstimator:
         return self.detector(n_components=params.get("pca_components", 32))
+
+    def checked_estimators(
+        self, params: dict[str, Any]
+    ) -> list[tuple[BaseEstimator, dict[str, str]]]:
+        pca = PCA(n_components=params.get("pca_components", 32), svd_solver="full")
+        return [(pca, {"n_components": "pca_components"})]
 
     def reserve(self, needs: Needs, configs: Sequence[DetectorConfig]) -> None:
         needs.reserve(pca=max(self.hyperparams(c).pca_components for c in configs))

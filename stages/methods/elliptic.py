@@ -61,6 +61,12 @@ class EllipticEnvelopeFamily(PCAFamily):
         return PCAEllipticEnvelope(n_components=params.pop("pca_components", 32), **params,
                                    random_state=seed)  # fmt: skip
 
+    def checked_estimators(
+        self, params: dict[str, Any]
+    ) -> list[tuple[BaseEstimator, dict[str, str]]]:
+        envelope = EllipticEnvelope(support_fraction=params.get("support_fraction"))
+        return [*super().checked_estimators(params), (envelope, {})]
+
     def shared(
         self, data: UnitData, split: Hashable, configs: Sequence[DetectorConfig], seed: int
     ) -> list[np.ndarray | BaseException]:

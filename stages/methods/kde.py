@@ -31,6 +31,7 @@ class KernelDensityFamily(SklearnFamily):
         metric: str = "euclidean"
 
     name = "KernelDensity"
+    probed = ("metric",)  # e.g. mahalanobis passes the check, never a fit (needs V)
     estimator_class = KernelDensity
 
     def shares(self, config: DetectorConfig) -> bool:

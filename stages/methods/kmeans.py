@@ -181,6 +181,12 @@ class KMeansDistanceFamily(Family):
     def estimator(self, params: dict[str, Any], seed: int) -> BaseEstimator:
         return KMeansDistanceDetector(**params, random_state=seed)
 
+    def checked_estimators(
+        self, params: dict[str, Any]
+    ) -> list[tuple[BaseEstimator, dict[str, str]]]:
+        """The ``KMeans`` the reference fits (same parameter names)."""
+        return [(KMeans(**params, random_state=0), {})]
+
     def reserve(self, needs: Needs, configs: Sequence[DetectorConfig]) -> None:
         """Nothing beyond the Gram, which every unit has."""
 

@@ -52,6 +52,12 @@ class KNNDistanceFamily(Family):
     def estimator(self, params: dict[str, Any], seed: int) -> BaseEstimator:
         return KNNDistanceDetector(**params)
 
+    def checked_estimators(
+        self, params: dict[str, Any]
+    ) -> list[tuple[BaseEstimator, dict[str, str]]]:
+        """The ``NearestNeighbors`` the reference fits."""
+        return [(NearestNeighbors(n_neighbors=params["n_neighbors"]), {})]
+
     def reserve(self, needs: Needs, configs: Sequence[DetectorConfig]) -> None:
         needs.reserve(knn=max(self.hyperparams(c).n_neighbors for c in configs))
 

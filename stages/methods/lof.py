@@ -27,6 +27,7 @@ class LocalOutlierFactorFamily(Family):
         p: PositiveFloat = 2.0
 
     name = "LocalOutlierFactor"
+    probed = ("metric", "p")  # e.g. seuclidean or precomputed pass the check, never a fit
 
     def estimator(self, params: dict[str, Any], seed: int) -> BaseEstimator:
         return LocalOutlierFactor(**{"novelty": True, **params})
