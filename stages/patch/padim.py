@@ -14,6 +14,7 @@ Memory: the covariances of all positions at once would be ``positions x d x d`` 
 from __future__ import annotations
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 REGULARISATION = 0.01
 DEFAULT_MEMORY_BYTES = 1 << 28  # 256 MiB per block of positions
@@ -58,13 +59,23 @@ def padim_distances(
     block = max(1, min(positions, memory_bytes // per_position))
     out = np.empty((len(queries), positions))
     eye = regularisation * np.eye(d)
-    for p in range(0, positions, block):
-        x = train[:, p : p + block].astype(np.float64)  # (n, b, d)
-        mean = x.mean(axis=0)
-        x -= mean
-        cov = np.einsum("npi,npj->pij", x, x) / (n - 1) + eye
-        inv = np.linalg.inv(cov)
-        delta = queries[:, p : p + block].astype(np.float64) - mean  # (m, b, d)
-        sq = np.einsum("mpi,pij,mpj->mp", delta, inv, delta, optimize=True)
-        out[:, p : p + block] = np.sqrt(np.maximum(sq, 0.0))
+    # Many small matrices: one BLAS thread beats two fighting over each (measured on the
+    # 2 shared cores: 784 inverses of 100 x 100, 0.3 s vs 24 s), as EllipticEnvelope.
+    with threadpool_limits(limits=1):
+        for p in range(0, positions, block):
+            out[:, p : p + block] = _block(train[:, p : p + block], queries[:, p : p + block], eye)
     return out
+
+
+def _block(train: np.ndarray, queries: np.ndarray, eye: np.ndarray) -> np.ndarray:
+    """Distances ``(n_queries, b)`` of one block of ``b`` positions."""
+    n = len(train)
+    # position-major (b, n, d), so the products are batched BLAS matmuls
+    x = np.ascontiguousarray(train.transpose(1, 0, 2), dtype=np.float64)
+    mean = x.mean(axis=1, keepdims=True)
+    x -= mean
+    cov = np.matmul(x.transpose(0, 2, 1), x) / (n - 1) + eye
+    inv = np.linalg.inv(cov)
+    delta = queries.transpose(1, 0, 2).astype(np.float64) - mean
+    sq = np.sum(np.matmul(delta, inv) * delta, axis=2)  # (b, m)
+    return np.sqrt(np.maximum(sq, 0.0)).T
