@@ -1,0 +1,180 @@
+"""PatchCore's math: coreset order, nearest-neighbour patch scores, image scores.
+
+Coreset (Roth et al. 2022, sec. 3.2; patchcore-inspection's ApproximateGreedyCoresetSampler,
+anomalib's KCenterGreedy): the memory bank is thinned by greedy k-center selection. The
+features are first mapped by a seeded Gaussian random projection (Johnson-Lindenstrauss;
+``PROJECTION_DIM`` columns), which is the "approximate" part: distances in the selection
+are those of the projected features. Starting from a seeded random point, each step picks
+the point farthest from the points picked so far. The result is the pick ORDER: the
+coreset of any ratio is a prefix of it, so one greedy run serves a whole ratio grid (the
+prefixes are nested, so the covering radius never grows with the ratio).
+
+Scores: a patch's score is the Euclidean distance to its nearest bank patch; an image's
+score is its largest patch score, or with ``n_neighbors > 1`` the paper's reweighting
+(eq. 7, as anomalib implements it): ``s = (1 - softmax(d)[0]) * s*``, where ``s*`` is the
+image's largest patch score, ``m*`` that patch's nearest bank patch, and ``d`` the
+distances from the patch to the ``n_neighbors`` bank patches nearest ``m*`` (``m*`` first).
+
+Precision: features are float32; distances are float64 from centred coordinates
+(``|q - s|^2 + |b - s|^2 - 2 (q - s).(b - s)``, ``s`` the bank mean), so a distance near 0
+is not lost to cancellation. Memory is bounded by ``memory_bytes`` per block of queries
+times block of bank rows; the bank is converted to float64 one block at a time. The coreset selection itself runs in float32 on the projection
+(selection only: it needs the order, not accurate distances).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+PROJECTION_DIM = 128
+DEFAULT_MEMORY_BYTES = 1 << 27  # 128 MiB of float64 distance block per step
+
+
+def coreset_size(n: int, ratio: float) -> int:
+    """Points kept from ``n`` at ``ratio`` (``int(n * ratio)``, at least 1, as anomalib);
+    a ratio outside (0, 1] is a one-line ``ValueError``."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
+    return max(1, min(n, int(n * ratio)))
+
+
+def random_projection(features: np.ndarray, seed: int, dim: int = PROJECTION_DIM) -> np.ndarray:
+    """``features @ G`` with ``G`` seeded Gaussian ``N(0, 1/dim)`` (float32); the features
+    themselves when they have at most ``dim`` columns (nothing to reduce)."""
+    x = np.asarray(features, dtype=np.float32)
+    if x.shape[1] <= dim:
+        return x
+    rng = np.random.default_rng(seed)
+    g = (rng.standard_normal((x.shape[1], dim)) / np.sqrt(dim)).astype(np.float32)
+    return x @ g
+
+
+def greedy_coreset_order(
+    features: np.ndarray, n_select: int | None = None, seed: int = 0, dim: int = PROJECTION_DIM
+) -> np.ndarray:
+    """The first ``n_select`` (default: all) indices of the greedy k-center order.
+
+    The projection and the start point come from ``seed`` (:func:`random_projection`,
+    then ``default_rng(seed + 1)``'s draw of the start). Ties in the farthest distance go
+    to the lowest index; a point is never picked twice, even among duplicates. Each pick
+    is one pass over the projected bank (a float32 matrix-vector product, numpy's, on one
+    BLAS thread: measured 2.4 ms per pick for 50,000 x 128 on the 2 shared cores, against
+    7 ms with two threads and 46 ms with torch).
+    """
+    x = np.asarray(features)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"features must be a non-empty (n, d) matrix, got shape {x.shape}")
+    n = len(x)
+    m = n if n_select is None else min(int(n_select), n)
+    if m < 1:
+        raise ValueError(f"n_select must be at least 1, got {n_select}")
+    z = np.ascontiguousarray(random_projection(x, seed, dim))
+    sq = np.einsum("ij,ij->i", z, z)
+    min_d = np.full(n, np.inf, dtype=np.float32)
+    d2 = np.empty(n, dtype=np.float32)
+    order = np.empty(m, dtype=np.int64)
+    idx = int(np.random.default_rng(seed + 1).integers(n))
+    with threadpool_limits(limits=1):  # one memory-bound pass per pick: threads only sync
+        for i in range(m):
+            order[i] = idx
+            if i == m - 1:
+                break
+            np.matmul(z, z[idx], out=d2)  # |a - c|^2 = |a|^2 - 2 a.c + |c|^2
+            d2 *= -2.0
+            d2 += sq
+            d2 += sq[idx]
+            np.minimum(min_d, d2, out=min_d)
+            min_d[idx] = -np.inf  # picked: never the farthest again
+            idx = int(np.argmax(min_d))  # first maximum: ties to the lowest index
+    return order
+
+
+def nearest_bank(
+    queries: np.ndarray,
+    bank: np.ndarray,
+    k: int = 1,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest bank rows of every query: float64 distances and indices, both
+    ``(n_queries, k)``, sorted by distance (ties: the lower index). See the module
+    docstring for the precision; ``memory_bytes`` bounds each float64 distance block."""
+    q = np.asarray(queries)
+    b = np.asarray(bank)
+    if q.ndim != 2 or b.ndim != 2 or q.shape[1] != b.shape[1] or len(b) == 0:
+        raise ValueError(f"queries {q.shape} and a non-empty bank {b.shape} must be (n, d)")
+    k = min(int(k), len(b))
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    shift = b.mean(axis=0, dtype=np.float64)
+    cells = max(memory_bytes // 8, 1)
+    bank_block = max(min(len(b), cells // max(min(len(q), 1024), 1)), k)
+    query_block = max(cells // bank_block, 1)
+    dist = np.empty((len(q), k))
+    index = np.empty((len(q), k), dtype=np.int64)
+    for r in range(0, len(q), query_block):
+        qc = q[r : r + query_block].astype(np.float64) - shift
+        q_sq = np.einsum("ij,ij->i", qc, qc)
+        best_d = np.full((len(qc), 0), np.inf)
+        best_i = np.empty((len(qc), 0), dtype=np.int64)
+        for c in range(0, len(b), bank_block):
+            # centred in float64 block by block: no float64 copy of the whole bank
+            bc = b[c : c + bank_block].astype(np.float64) - shift
+            b_sq = np.einsum("ij,ij->i", bc, bc)
+            d2 = q_sq[:, None] + b_sq[None, :] - 2.0 * (qc @ bc.T)
+            np.maximum(d2, 0.0, out=d2)
+            kk = min(k, d2.shape[1])
+            part = np.argpartition(d2, kk - 1, axis=1)[:, :kk] if kk < d2.shape[1] else None
+            if part is None:
+                part = np.broadcast_to(np.arange(d2.shape[1]), d2.shape)
+            best_d = np.concatenate([best_d, np.take_along_axis(d2, part, axis=1)], axis=1)
+            best_i = np.concatenate([best_i, part + c], axis=1)
+            # keep the k best so far, by (distance, index)
+            keep = np.lexsort((best_i, best_d), axis=1)[:, :k]
+            best_d = np.take_along_axis(best_d, keep, axis=1)
+            best_i = np.take_along_axis(best_i, keep, axis=1)
+        dist[r : r + len(qc)] = np.sqrt(best_d)
+        index[r : r + len(qc)] = best_i
+    return dist, index
+
+
+def patch_scores(
+    patches: np.ndarray, bank: np.ndarray, memory_bytes: int = DEFAULT_MEMORY_BYTES
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-bank distance and bank index of every patch: ``patches`` is
+    ``(n_images, n_patches, d)``, both results ``(n_images, n_patches)``."""
+    p = np.asarray(patches)
+    if p.ndim != 3:
+        raise ValueError(f"patches must be (n_images, n_patches, d), got shape {p.shape}")
+    dist, index = nearest_bank(p.reshape(-1, p.shape[2]), bank, 1, memory_bytes)
+    return dist[:, 0].reshape(p.shape[:2]), index[:, 0].reshape(p.shape[:2])
+
+
+def image_scores(
+    scores: np.ndarray,
+    nearest: np.ndarray | None = None,
+    patches: np.ndarray | None = None,
+    bank: np.ndarray | None = None,
+    n_neighbors: int = 1,
+) -> np.ndarray:
+    """Image scores from ``(n_images, n_patches)`` patch scores: the largest one, or with
+    ``n_neighbors > 1`` the paper's reweighting (module docstring), which needs each
+    patch's ``nearest`` bank index, the ``patches`` and the ``bank``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if n_neighbors < 1:
+        raise ValueError(f"n_neighbors must be at least 1, got {n_neighbors}")
+    if n_neighbors == 1:
+        return scores.max(axis=1)
+    if nearest is None or patches is None or bank is None:
+        raise ValueError("reweighting needs the nearest indices, the patches and the bank")
+    rows = np.arange(len(scores))
+    worst = np.argmax(scores, axis=1)  # m_test,*: the first largest patch score
+    s_star = scores[rows, worst]
+    m_star = np.asarray(nearest)[rows, worst]
+    bank = np.asarray(bank)
+    _, support = nearest_bank(bank[m_star], bank, min(n_neighbors, len(bank)))
+    patch = np.asarray(patches)[rows, worst].astype(np.float64)
+    d = np.sqrt(((patch[:, None, :] - bank[support].astype(np.float64)) ** 2).sum(axis=2))
+    e = np.exp(d - d.max(axis=1, keepdims=True))
+    weight = 1.0 - e[:, 0] / e.sum(axis=1)
+    return weight * s_star
