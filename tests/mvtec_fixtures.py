@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,28 @@ def _env() -> dict[str, str]:
 def stage_env() -> dict[str, str]:
     """Environment for subprocesses: the repo importable, analytics off."""
     return _env()
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The stage's one error line; asserts exit 2, no traceback, exactly one ``error:`` line."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run the venv's ``dvc`` in a project with the stages importable; asserts success."""
+    env = stage_env()
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    env["PYTHONPATH"] = str(project)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result

@@ -22,21 +22,12 @@ from stages.features import MANIFEST, SHARD_HASH_KEY, load_feature_set
 from tests.eval_fixtures import make_workspace
 from tests.extract_fixtures import CATEGORIES, make_dataset
 from tests.extract_fixtures import write_params as write_extract_params
-from tests.mvtec_fixtures import make_mvtec, run_stage, stage_env, write_params
+from tests.mvtec_fixtures import error_line, make_mvtec, run_stage, stage_env, write_params
 from tests.test_dataset import BAD_LAYOUTS, break_dataset
 
 ONE_CATEGORY = {"alpha": CATEGORIES["alpha"]}
 LOF = {"family": "LocalOutlierFactor", "grid": {"n_neighbors": [2, 4]}, "fixed": {"novelty": True}}
 ONE_WORKER = {"n_workers": 1, "threads_per_worker": 1, "memory_limit": "2GiB"}
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-    """The stage's one error line; asserts exit 2, no traceback, exactly one ``error:`` line."""
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
 
 
 # --- dataset: every bad layout through the CLI, then fixed and rerun ------------------------

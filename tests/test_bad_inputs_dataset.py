@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -21,7 +19,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.mvtec_fixtures import make_mvtec, run_stage, save_png, stage_env, write_params
+from tests.mvtec_fixtures import (
+    dvc,
+    error_line,
+    make_mvtec,
+    run_stage,
+    save_png,
+    write_params,
+)
 
 INDEX = "cache/dataset/index.parquet"
 STATS = "results/dataset/stats.json"
@@ -30,15 +35,6 @@ STATS = "results/dataset/stats.json"
 def run_dataset(tmp_path: Path, root: Path, **data: object) -> subprocess.CompletedProcess:
     write_params(tmp_path / "params.yaml", root, ["alpha", "beta"], data=data)
     return run_stage("dataset", tmp_path)
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-    """The one ``error:`` line; asserts exit 2 and no traceback."""
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
 
 
 def nothing_written(tmp_path: Path) -> bool:
@@ -390,18 +386,7 @@ def test_linked_folder_below_a_category_is_a_warning(tmp_path: Path) -> None:
 
 
 def _dvc(project: Path, *args: str) -> str:
-    env = stage_env()
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    env["PYTHONPATH"] = str(project)
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "dvc"), *args],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, f"dvc {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+    return dvc(project, *args).stdout
 
 
 def _lock_dep(project: Path, stage: str, path: str) -> dict:

@@ -23,7 +23,7 @@ from stages.errors import run_cli
 from stages.params import load_params, load_section
 from stages.results_db import open_db
 from tests.eval_fixtures import make_workspace
-from tests.mvtec_fixtures import REPO, make_mvtec, run_stage, write_params
+from tests.mvtec_fixtures import REPO, error_line, make_mvtec, run_stage, write_params
 
 LOF = {"family": "LocalOutlierFactor", "grid": {"n_neighbors": [2, 4]}, "fixed": {"novelty": True}}
 ONE_WORKER = {"n_workers": 1, "threads_per_worker": 1, "memory_limit": "2GiB"}
@@ -39,14 +39,6 @@ def cli_error(main: Callable, argv: list[str], capsys: pytest.CaptureFixture[str
     assert "Traceback" not in err, err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, err
-    return errors[0]
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
     return errors[0]
 
 

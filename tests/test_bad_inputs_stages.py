@@ -28,7 +28,7 @@ import yaml
 from stages.features import MANIFEST
 from tests.eval_fixtures import make_workspace
 from tests.extract_fixtures import CATEGORIES, make_dataset
-from tests.mvtec_fixtures import run_stage
+from tests.mvtec_fixtures import error_line, run_stage
 
 ALPHA = {"alpha": CATEGORIES["alpha"]}  # RGB, transforms [rot90, hflip]; 6 train, 4 test
 ONE_WORKER = {"n_workers": 1, "threads_per_worker": 1, "memory_limit": "2GiB"}
@@ -37,15 +37,6 @@ LOF = {"family": "LocalOutlierFactor", "grid": {"n_neighbors": [2, 4]}, "fixed":
 PIXELS = {"backbone": "pixels", "init": "none", "layers": ["gray16", "gray32"],
           "representations": ["avg"]}  # fmt: skip
 N_TRAIN, N_AUGMENTED = 6, 12
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-    """The stage's one error line; asserts exit 2, no traceback, exactly one ``error:`` line."""
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks.chaos import build_project, chaos_params
-from tests.mvtec_fixtures import stage_env
+from tests.mvtec_fixtures import dvc
 
 pytestmark = pytest.mark.slow
 
 STAGES = ("synth", "dataset", "augment", "extract", "evaluate", "report")
-
-
-def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
-    env = stage_env()
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    env["PYTHONPATH"] = str(project)
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "dvc"), *args],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
 
 
 def test_repro_twice_second_is_noop(tmp_path: Path) -> None:
