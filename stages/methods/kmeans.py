@@ -193,20 +193,15 @@ class KMeansDistanceFamily(Family):
     def shared(
         self, data: UnitData, split: Hashable, configs: Sequence[DetectorConfig], seed: int
     ) -> list[np.ndarray | BaseException]:
-        train, queries = data.train[split], data.queries(split)
-        K = data.gram.K
-        K_tt, K_qt = K[np.ix_(train, train)], K[np.ix_(queries, train)]
-        col_mean, total = K_tt.mean(axis=0), K_tt.mean()
-        Kc = K_tt - col_mean[:, None] - col_mean[None, :] + total
-        Kc_q = K_qt - K_qt.mean(axis=1)[:, None] - col_mean[None, :] + total
-        q_sq = np.diagonal(K)[queries] - 2.0 * K_qt.mean(axis=1) + total  # ||x - mean||^2
+        c = data.centred(split)
+        Kc, Kc_q, q_sq = c.train, c.queries, c.queries_sq
         # scikit-learn's tolerance: tol x the mean per-feature variance of the training rows
-        variance = max(float(np.trace(Kc)), 0.0) / (len(train) * data.n_features)
+        variance = max(float(np.trace(Kc)), 0.0) / (len(Kc) * data.n_features)
         out: list[np.ndarray | BaseException] = []
         for config in configs:
             p = self.hyperparams(config)
             try:
-                k = capped(p.n_clusters, len(train))
+                k = capped(p.n_clusters, len(Kc))
                 n_init = 1 if p.n_init == "auto" else p.n_init  # "auto" is 1 for k-means++
                 C = kmeans_gram(Kc, k, n_init=n_init, max_iter=p.max_iter,
                                 tol=p.tol * variance, seed=seed)  # fmt: skip

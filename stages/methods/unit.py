@@ -185,6 +185,30 @@ def gram_blockwise(source: Source, *, col_block: int = 8192, memory_bytes: int =
 
 
 # ---------------------------------------------------------------------------------------- PCA
+@dataclass(frozen=True)
+class CentredGram:
+    """A training set's Gram and the queries' dot products with its rows, both after
+    subtracting the training mean, and each query's ``||x - mean||^2``."""
+
+    train: np.ndarray  # (n_train, n_train)
+    queries: np.ndarray  # (n_queries, n_train)
+    queries_sq: np.ndarray  # (n_queries,)
+
+
+def centred_gram(K: np.ndarray, train: np.ndarray, queries: np.ndarray) -> CentredGram:
+    """Centre a sub-Gram on the training rows' mean, from dot products only."""
+    K_tt = K[np.ix_(train, train)]
+    col_mean = K_tt.mean(axis=0)
+    total = col_mean.mean()
+    K_qt = K[np.ix_(queries, train)]
+    q_mean = K_qt.mean(axis=1)
+    return CentredGram(
+        K_tt - col_mean[:, None] - col_mean[None, :] + total,
+        K_qt - q_mean[:, None] - col_mean[None, :] + total,
+        np.diagonal(K)[queries] - 2.0 * q_mean + total,
+    )
+
+
 def pca_from_gram(
     K: np.ndarray, train: np.ndarray, test: np.ndarray, n_components: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -195,20 +219,19 @@ def pca_from_gram(
     ``Kc = U S^2 U^T`` gives train projections ``U S`` and test projections
     ``Kc_test U / S``. Components with zero variance project to 0.
     """
-    n = len(np.arange(K.shape[0])[train])
+    return pca_of(centred_gram(K, train, test), n_components)
+
+
+def pca_of(c: CentredGram, n_components: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and query projections (``pca_from_gram``) from a centred Gram."""
+    n = len(c.train)
     k = min(n_components, n)
-    K_tt = K[np.ix_(train, train)]
-    col_mean = K_tt.mean(axis=0)
-    total = col_mean.mean()
-    Kc = K_tt - col_mean[:, None] - col_mean[None, :] + total
-    w, U = linalg.eigh(Kc, subset_by_index=[n - k, n - 1], driver="evr")
+    w, U = linalg.eigh(c.train, subset_by_index=[n - k, n - 1], driver="evr")
     w, U = w[::-1], U[:, ::-1]
     S = np.sqrt(np.maximum(w, 0.0))
     tol = S[0] * 1e-12 if len(S) else 0.0
     inv = np.divide(1.0, S, out=np.zeros_like(S), where=tol < S)
-    K_et = K[np.ix_(test, train)]
-    Kc_test = K_et - K_et.mean(axis=1)[:, None] - col_mean[None, :] + total
-    return U * S, (Kc_test @ U) * inv
+    return U * S, (c.queries @ U) * inv
 
 
 @dataclass(frozen=True)
@@ -439,17 +462,18 @@ class UnitData:
 
         return self._cached(f"knn[{augmented}]", compute)
 
+    def centred(self, augmented: Hashable) -> CentredGram:
+        """The Gram of one call's training rows and queries, centred on the training mean
+        (not cached: a sub-matrix copy, cheap against what families do with it)."""
+        return centred_gram(self.gram.K, self.train[augmented], self.queries(augmented))
+
     def pca(self, augmented: Hashable) -> Projection:
         """Projections on the top ``Needs.pca`` principal components of one training set."""
 
         def compute() -> Projection:
-            train, queries = self.train[augmented], self.queries(augmented)
-            K = self.gram.K
-            k = min(max(1, self.needs.pca), len(train), self.gram.n_features)
-            z_train, z_queries = pca_from_gram(K, train, queries, k)
-            K_qt = K[np.ix_(queries, train)]
-            total = K[np.ix_(train, train)].mean()
-            centred = np.diagonal(K)[queries] - 2.0 * K_qt.mean(axis=1) + total
-            return Projection(z_train, z_queries, np.maximum(centred, 0.0))
+            c = self.centred(augmented)
+            k = min(max(1, self.needs.pca), len(c.train), self.gram.n_features)
+            z_train, z_queries = pca_of(c, k)
+            return Projection(z_train, z_queries, np.maximum(c.queries_sq, 0.0))
 
         return self._cached(f"pca[{augmented}]", compute)
