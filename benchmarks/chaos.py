@@ -70,7 +70,13 @@ def chaos_params(categories: tuple[str, ...] = ("weave", "chip")) -> dict[str, A
             "init": "random",
             "layers": ["layer3", "layer4"],
             "representations": ["avg"],
-        }
+        },
+        {
+            "backbone": "resnet18",
+            "init": "random",
+            "layers": ["layer2+layer3"],
+            "representations": ["patch"],
+        },
     ]
     params["evaluate"]["detectors"] = [
         {
@@ -80,6 +86,7 @@ def chaos_params(categories: tuple[str, ...] = ("weave", "chip")) -> dict[str, A
         },
         {"family": "KernelDensity", "grid": {"bandwidth": [1.0], "kernel": ["gaussian"]}},
         {"family": "IsolationForest", "grid": {"n_estimators": [10, 20]}},
+        {"family": "PatchCore", "grid": {"coreset_ratio": [0.1, 1.0]}},
     ]
     params["evaluate"]["engine"]["n_workers"] = 1
     return params

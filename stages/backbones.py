@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pyspng
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torchvision import models
@@ -296,25 +297,44 @@ def init_error(backbone: str, init: str) -> str | None:
     return f"unknown init '{init}' for {backbone} (valid: {', '.join(valid)}{why})"
 
 
+LAYER_SEP = "+"
+
+
+def layer_parts(layer: str) -> list[str]:
+    """The backbone layers a (possibly combined) layer name joins: ``layer2+layer3`` ->
+    ``[layer2, layer3]``; a plain name is its own single part."""
+    return layer.split(LAYER_SEP)
+
+
 def _check_layers(backbone: str, layers: Sequence[str]) -> Backbone:
+    """Every part of every (combined) layer is a layer of ``backbone``, none twice in one."""
     spec = get_backbone(backbone)
-    unknown = [layer for layer in layers if layer not in spec.layers]
-    if unknown:
-        raise UserError(
-            f"unknown layer '{unknown[0]}' for {backbone} (valid: {', '.join(spec.layers)})"
-        )
+    for layer in layers:
+        parts = layer_parts(layer)
+        unknown = [part for part in parts if part not in spec.layers]
+        if unknown:
+            raise UserError(
+                f"unknown layer '{unknown[0]}' for {backbone} (valid: {', '.join(spec.layers)}); "
+                f"several are joined with '{LAYER_SEP}', e.g. {'+'.join(list(spec.layers)[1:3])}"
+            )
+        if len(set(parts)) != len(parts):
+            raise UserError(f"layer '{layer}' joins a layer with itself (expected distinct "
+                            f"layers of {backbone})")  # fmt: skip
     return spec
 
 
 def _feature_extractor(spec: Backbone, model: nn.Module, layers: Sequence[str]) -> nn.Module:
-    nodes = {spec.layers[layer]: layer for layer in layers}
+    parts = dict.fromkeys(part for layer in layers for part in layer_parts(layer))
+    nodes = {spec.layers[part]: part for part in parts}
     with warnings.catch_warnings():  # "nodes in eval mode are a subsequence": we only eval
         warnings.filterwarnings("ignore", message="NOTE: The nodes obtained by tracing")
         return create_feature_extractor(model.eval(), return_nodes=nodes)
 
 
 def build_extractor(backbone: str, init: str, layers: list[str], seed: int = 0) -> nn.Module:
-    """A model in eval mode whose forward returns ``{layer: activation}`` for ``layers``.
+    """A model in eval mode whose forward returns ``{layer: activation}`` for every part of
+    ``layers`` (a combined ``layer2+layer3`` returns ``layer2`` and ``layer3``; join them
+    with :func:`represent_layer`).
 
     Random init calls ``torch.manual_seed(seed)`` right before construction, so the same
     seed gives bitwise-identical weights.
@@ -347,20 +367,96 @@ def _activation_shapes(
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         extractor = _feature_extractor(spec, spec.build(spec.inits[0]), layers)
         out = extractor(torch.empty(1, 3, INPUT_SIZE, INPUT_SIZE))
-    return tuple((layer, tuple(out[layer].shape[1:])) for layer in layers)
+        shapes = []
+        for layer in layers:
+            parts = layer_parts(layer)
+            if len(parts) == 1:
+                shapes.append((layer, tuple(out[layer].shape[1:])))
+                continue
+            try:
+                joined = _join([out[p] for p in parts], 1)
+            except ValueError as exc:
+                raise UserError(f"layer '{layer}' of {backbone}: {exc}") from None
+            shapes.append((layer, tuple(joined.shape[1:])))
+    return tuple(shapes)
 
 
-REPRESENTATIONS = ("flatten", "avg", "grid:K")
+REPRESENTATIONS = ("flatten", "avg", "grid:K", "patch", "patch:K")
+PATCH_KERNEL = (
+    3  # PatchCore's local neighbourhood (its ``patchsize``; anomalib's AvgPool2d(3, 1, 1))
+)
 
 
 def parse_representation(representation: str) -> tuple[str, int]:
-    """``flatten`` / ``avg`` / ``grid:K`` -> (kind, K); raises ValueError when malformed."""
+    """``flatten`` / ``avg`` / ``grid:K`` / ``patch`` / ``patch:K`` -> (kind, K); raises
+    ValueError when malformed (``patch:K`` needs an odd K, so each patch stays centred)."""
     if representation in ("flatten", "avg"):
         return representation, 0
+    if representation == "patch":
+        return "patch", PATCH_KERNEL
     kind, _, size = representation.partition(":")
     if kind == "grid" and size.isdigit() and int(size) >= 1:
         return kind, int(size)
+    if kind == "patch" and size.isdigit() and int(size) % 2 == 1:
+        return kind, int(size)
     raise ValueError(representation)
+
+
+def is_patch(representation: str) -> bool:
+    """A representation that keeps one vector per position (``patch``, ``patch:K``)."""
+    return representation.partition(":")[0] == "patch"
+
+
+def _spatial(activation: torch.Tensor) -> torch.Tensor:
+    """A layer's activation as a (B, C, H, W) map: ViT patch tokens (the class token
+    dropped) laid out on their square grid; ``ValueError`` when it has no grid."""
+    if activation.ndim == 4:
+        return activation
+    if activation.ndim == 3:
+        patches = activation[:, 1:, :]
+        side = math.isqrt(patches.shape[1])
+        if side * side == patches.shape[1] and side > 0:
+            return patches.transpose(1, 2).reshape(len(patches), -1, side, side)
+    raise ValueError(
+        f"activation of shape {list(activation.shape[1:])} has no spatial grid "
+        "(expected channels x height x width, or a class token plus a square grid of tokens)"
+    )
+
+
+def _join(maps: Sequence[torch.Tensor], kernel: int) -> torch.Tensor:
+    """Several layers on one grid, as PatchCore (and anomalib's PatchcoreModel): each map
+    averaged over its ``kernel`` x ``kernel`` neighbourhood (stride 1, zero padding counted,
+    as ``AvgPool2d(k, 1, k // 2)``), the coarser ones resized bilinearly to the finest
+    grid, then concatenated along the channels in the order given."""
+    spatial = [_spatial(m) for m in maps]
+    if kernel > 1:
+        spatial = [F.avg_pool2d(m, kernel, stride=1, padding=kernel // 2) for m in spatial]
+    size = max((tuple(m.shape[-2:]) for m in spatial), key=lambda hw: hw[0] * hw[1])
+    resized = [
+        m if tuple(m.shape[-2:]) == size
+        else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+        for m in spatial
+    ]  # fmt: skip
+    return torch.cat(resized, dim=1)
+
+
+def represent_layer(
+    activations: dict[str, torch.Tensor], layer: str, representation: str
+) -> torch.Tensor:
+    """A (possibly combined) layer's (batch, dim) vectors from the extractor's output.
+
+    A combined layer (``layer2+layer3``) is its parts joined on the finest grid
+    (:func:`_join`, with the patch kernel for ``patch:K`` and none otherwise), then
+    represented like any (C, H, W) activation.
+    """
+    parts = layer_parts(layer)
+    if len(parts) == 1:
+        return represent(activations[layer], representation)
+    kind, size = parse_representation(representation)
+    joined = _join([activations[p] for p in parts], size if kind == "patch" else 1)
+    if kind == "patch":  # already averaged over the neighbourhood
+        return joined.permute(0, 2, 3, 1).reshape(len(joined), -1)
+    return represent(joined, representation)
 
 
 def represent(activation: torch.Tensor, representation: str) -> torch.Tensor:
@@ -370,17 +466,21 @@ def represent(activation: torch.Tensor, representation: str) -> torch.Tensor:
     ``avg`` averages over positions (all tokens for ViT; for a pixels layer the image's
     mean colour, or brightness for gray: 3 or 1 values, allowed as a weak global baseline);
     ``grid:K`` average-pools to KxK (for ViT the patch tokens, without the class token, laid
-    out on their square grid; for pixels a coarser area resize).
+    out on their square grid; for pixels a coarser area resize); ``patch:K`` keeps every
+    position: each is averaged over its KxK neighbourhood (PatchCore's local aggregation,
+    K = 3 for ``patch``) and stored positions x channels (H, W, C in C order), so a row
+    reshapes to the patch grid.
     """
     kind, size = parse_representation(representation)
     if kind == "flatten":
         return activation.reshape(len(activation), -1)
+    if kind == "patch":
+        joined = _join([activation], size)
+        return joined.permute(0, 2, 3, 1).reshape(len(joined), -1)
     if activation.ndim == 3:  # ViT tokens (B, 1 + side*side, dim)
         if kind == "avg":
             return activation.mean(dim=1)
-        patches = activation[:, 1:, :]
-        side = math.isqrt(patches.shape[1])
-        activation = patches.transpose(1, 2).reshape(len(patches), -1, side, side)
+        activation = _spatial(activation)
     if kind == "avg":
         return activation.mean(dim=(2, 3))
     return torch.nn.functional.adaptive_avg_pool2d(activation, size).flatten(1)
@@ -390,11 +490,17 @@ def represented_shape(activation_shape: Sequence[int], representation: str) -> l
     """The shape one image's feature vector reshapes to (C-order), from its activation shape.
 
     ``flatten``: the activation shape itself ((C, H, W), or (tokens, dim) for ViT); ``avg``:
-    (C,) or (dim,); ``grid:K``: (C, K, K), for ViT (dim, K, K) (patch tokens only).
+    (C,) or (dim,); ``grid:K``: (C, K, K), for ViT (dim, K, K) (patch tokens only);
+    ``patch:K``: (H, W, C), for ViT (side, side, dim). ``ValueError`` for a patch or grid
+    representation of an activation without a spatial grid.
     """
     kind, size = parse_representation(representation)
     shape = [int(n) for n in activation_shape]
     if kind == "flatten":
         return shape
-    channels = shape[-1] if len(shape) == 2 else shape[0]
-    return [channels] if kind == "avg" else [channels, size, size]
+    if kind == "avg":
+        return [shape[-1] if len(shape) == 2 else shape[0]]
+    spatial = list(_spatial(torch.empty(1, *shape, device="meta")).shape[1:])
+    if kind == "grid":
+        return [spatial[0], size, size]
+    return [spatial[1], spatial[2], spatial[0]]

@@ -113,8 +113,10 @@ from distributed import Client
 from pydantic import Field, ValidationError, field_validator
 from tqdm import tqdm
 
+from stages.anomaly_maps import MAP_SIZE, grid_path, load_masks, write_grids
 from stages.augment import INDEX as AUGMENT_INDEX
 from stages.augment import check_augment_index, train_originals
+from stages.backbones import is_patch
 from stages.dataset import read_index
 from stages.engine import EngineParams, check_scheduler, dask_client, deadline, run_units
 from stages.errors import UserError, run_cli, setup_logging
@@ -141,7 +143,7 @@ from stages.methods import (
     expand_detectors,
 )
 from stages.methods.unit import fold_assignment, image_groups
-from stages.metrics import THRESHOLD_FIELDS, ranking_metrics, threshold_metrics
+from stages.metrics import THRESHOLD_FIELDS, honest_threshold, ranking_metrics, threshold_metrics
 from stages.params import (
     OutputFile,
     OutputFolder,
@@ -150,6 +152,8 @@ from stages.params import (
     load_section,
     stage_args,
 )
+from stages.patch.maps import anomaly_maps
+from stages.pixel_metrics import pixel_metrics
 from stages.results_db import (
     FINAL_NOT_DONE,
     ExperimentRow,
@@ -186,6 +190,8 @@ class EvaluateParams(Section):
     # both: augmented true and false for every category (the study's 68,160); off: false only.
     augmentation: Literal["auto", "both", "off"] = "auto"
     shared: bool = True  # families' shared paths (stages.methods); false = one estimator per config
+    # patch experiments' test-image patch-score grids, one Parquet file per experiment
+    maps: OutputFolder = "results/maps"
     # The grid: data only (params.yaml; the study's 71 configs in params/study.yaml).
     detectors: Annotated[list[DetectorSpec], Field(min_length=1)]
     engine: EngineParams = EngineParams()
@@ -242,6 +248,8 @@ class Unit:
     threshold_quantile: float = 0.99
     shared: bool = True
     threshold_folds: int = 5
+    index: str = ""  # the image index (absolute): where a patch unit finds its test masks
+    workdir: str = "."  # relative paths in the index are relative to this
 
     def label(self) -> str:
         f = self.features
@@ -289,16 +297,19 @@ def plan(
     """Every experiment of the grid, grouped by feature set (the work unit).
 
     A deterministic family (no ``random_state``) runs once, under the first seed: more
-    seeds would only repeat identical scores.
+    seeds would only repeat identical scores. Patch families (``Family.patch``) run on the
+    patch feature sets (representation ``patch``) only, the image-level ones on the others.
     """
     units = []
     for fs in feature_sets:
+        patch = is_patch(fs.representation)
         experiments = [
             Planned(experiment_key(fs, aug, det, seed), aug, det, seed)
             for aug in augmentation_choices(transforms.get(fs.category, []), augmentation)
             for seed in seeds
             for det in detectors
-            if seed == seeds[0] or FAMILIES[det.family].seeded
+            if (seed == seeds[0] or FAMILIES[det.family].seeded)
+            and FAMILIES[det.family].patch == patch
         ]
         units.append((fs, experiments))
     return units
@@ -335,8 +346,38 @@ def _honest_metrics(
     return {"threshold_quantile": quantile, "threshold_folds": folds, **out}
 
 
+def _pixel_fields(outcome: Outcome, masks: np.ndarray, quantile: float,
+                  folds: int) -> dict[str, float | None]:  # fmt: skip
+    """The pixel-level columns of an experiment with maps: its test grids as anomaly maps
+    (``stages.patch.maps``) against the masks; the honest threshold is the ``quantile`` of
+    every pixel of the training images' maps, out-of-fold (in-sample with 0 folds)."""
+    maps = anomaly_maps(np.asarray(outcome.maps, dtype=np.float32), MAP_SIZE)
+    train = outcome.oof_maps if folds else outcome.train_maps
+    threshold = None
+    if train is not None and len(train):
+        train_maps = anomaly_maps(np.asarray(train, dtype=np.float32), MAP_SIZE)
+        if np.isfinite(train_maps).all():
+            threshold = honest_threshold(train_maps.reshape(-1), quantile)
+        del train_maps
+    try:
+        m = pixel_metrics(maps, masks, threshold)
+    except ValueError:  # non-finite map pixels: no pixel metrics (the image metrics stand)
+        return {}
+    return {
+        "pixel_auroc": m["pixel_auroc"],
+        "aupro": m["aupro"],
+        "pixel_threshold_honest": m["pixel_threshold"],
+        "pixel_f1_honest": m["pixel_f1"],
+        "pixel_precision_honest": m["pixel_precision"],
+        "pixel_recall_honest": m["pixel_recall"],
+        "pixel_threshold_oracle": m["pixel_threshold_oracle"],
+        "pixel_f1_oracle": m["pixel_f1_oracle"],
+    }
+
+
 def _row(features: FeatureSetEntry, exp: Planned, outcome: Outcome, y: np.ndarray,
-         fs_meta: dict[str, Any], quantile: float, folds: int) -> ExperimentRow:  # fmt: skip
+         fs_meta: dict[str, Any], quantile: float, folds: int,
+         masks: np.ndarray | None = None, crop: bool = True) -> ExperimentRow:  # fmt: skip
     row = ExperimentRow(
         key=exp.key, config=config_fields(features, exp), status="failed",
         fit_s=outcome.fit_s, score_s=outcome.score_s, error=outcome.error, **fs_meta,
@@ -349,10 +390,15 @@ def _row(features: FeatureSetEntry, exp: Planned, outcome: Outcome, y: np.ndarra
     if scores.shape != y.shape:
         row.error = f"detector returned {scores.shape} scores for {y.shape[0]} test images"
         return row
-    maps = outcome.maps  # stored with the pixel-level metrics; checked here already
+    maps = outcome.maps  # patch-score grids: stored, and the pixel-level metrics
     if maps is not None and (np.ndim(maps) != 3 or len(maps) != y.shape[0]):
         row.error = f"detector returned maps of shape {np.shape(maps)} for {y.shape[0]} test images"
         return row
+    if maps is not None and masks is not None:
+        row.pixel = _pixel_fields(outcome, masks, quantile, folds)
+        row.grids = np.asarray(maps, dtype=np.float16)
+        row.grid_meta = {"category": features.category, "backbone": features.backbone,
+                         "crop": crop}  # fmt: skip
     return replace(
         row,
         status="done",
@@ -363,6 +409,38 @@ def _row(features: FeatureSetEntry, exp: Planned, outcome: Outcome, y: np.ndarra
         thresholds=_honest_metrics(y, scores, outcome, quantile, folds),
         scores=scores.tolist(),
     )  # fmt: skip
+
+
+def unit_masks(unit: Unit, fs: FeatureSet) -> np.ndarray | None:
+    """The test images' masks in the model's geometry (``stages.anomaly_maps``), for a unit
+    of a patch feature set (else ``None``): read from the image index's mask paths."""
+    if not is_patch(unit.features.representation) or not unit.index:
+        return None
+    table = read_index(unit.index).select(["category", "image_id", "path", "mask_path"])
+    rows = {r["image_id"]: r for r in table.to_pylist() if r["category"] == fs.manifest.get(
+        "category", unit.features.category)}  # fmt: skip
+    ids = fs.image_id[fs.rows("test")]
+    missing = [i for i in ids if i not in rows]
+    if missing:
+        raise UserError(f"{unit.index}: test image {missing[0]} of {unit.features.folder} is "
+                        f"not in the image index; {RERUN_EXTRACT}")  # fmt: skip
+    root = Path(unit.workdir)
+    paths = [rows[i]["mask_path"] for i in ids]
+    return load_masks([None if p is None else str(root / p) for p in paths],
+                      [str(root / rows[i]["path"]) for i in ids],
+                      str(fs.manifest.get("backbone", unit.features.backbone)),
+                      bool(fs.manifest.get("crop", True)))  # fmt: skip
+
+
+def _grid_of(fs: FeatureSet, representation: str) -> tuple[int, int, int] | None:
+    """A patch feature set's (h, w, c) from its manifest's ``feature_shape``."""
+    if not is_patch(representation):
+        return None
+    shape = fs.manifest.get("feature_shape")
+    if not isinstance(shape, list) or len(shape) != 3:
+        raise UserError(f"{fs.manifest.get('folder', 'feature set')}: a patch feature set's "
+                        f"manifest needs its feature_shape [h, w, c]; {RERUN_EXTRACT}")  # fmt: skip
+    return int(shape[0]), int(shape[1]), int(shape[2])
 
 
 def _per_image(fs: FeatureSet) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -395,12 +473,17 @@ def _per_config_rows(
 ) -> list[ExperimentRow]:
     """The reference path: one scikit-learn estimator per config, each under its deadline."""
     test, y, per_image = _per_image(fs)
-    X_test = fs.X[test]
+    grid = _grid_of(fs, unit.features.representation)
+    shape = (-1, *grid) if grid else (len(fs.X), -1)  # a patch family gets (n, h, w, c)
+    X = fs.X.reshape(shape)
+    X_test = X[test]
+    masks = unit_masks(unit, fs)
+    crop = bool(fs.manifest.get("crop", True))  # the geometry of maps and masks
     rows = []
     for (augmented, seed, family), group in groupby(experiments, key=_group_by):
         group = list(group)
         train = fs.rows("train", augmented)
-        X_train = fs.X[train]
+        X_train = X[train]
         folds = (fold_assignment(image_groups(fs.image_id[train]), unit.threshold_folds, seed)
                  if unit.threshold_folds else None)  # fmt: skip
         meta = {"n_train": len(X_train), "n_test": len(X_test), "dim": fs.X.shape[1]}
@@ -415,7 +498,7 @@ def _per_config_rows(
                     if outcome.error is None and folds is not None:
                         reference_oof(FAMILIES[family], outcome, X_train, folds, exp.detector,
                                       seed)  # fmt: skip
-                rows.append(_finish(unit, exp, outcome, y, meta, per_image))
+                rows.append(_finish(unit, exp, outcome, y, meta, per_image, masks, crop))
     return rows
 
 
@@ -425,19 +508,27 @@ def reference_oof(family: Family, outcome: Outcome, X_train: np.ndarray, folds: 
     the rows it held out (``group_s`` counts them; ``fit_s`` stays the one model's)."""
     t0 = time.perf_counter()
     oof = np.full(len(X_train), np.nan)
+    oof_maps = None
     for k in range(int(folds.max()) + 1):
         held = folds == k
         fold = family.reference_one(X_train[~held], X_train[held], config, seed)
         if fold.error is not None:
             return
         oof[held] = fold.scores
+        if fold.maps is not None:
+            if oof_maps is None:
+                oof_maps = np.full((len(X_train), *np.shape(fold.maps)[1:]), np.nan, np.float32)
+            oof_maps[held] = fold.maps
     outcome.oof_scores = oof
+    outcome.oof_maps = oof_maps
     outcome.group_s = outcome.fit_s + outcome.score_s + time.perf_counter() - t0
 
 
 def _finish(unit: Unit, exp: Planned, outcome: Outcome, y: np.ndarray, meta: dict[str, Any],
-            per_image: dict[str, Any]) -> ExperimentRow:  # fmt: skip
-    row = _row(unit.features, exp, outcome, y, meta, unit.threshold_quantile, unit.threshold_folds)
+            per_image: dict[str, Any], masks: np.ndarray | None = None,
+            crop: bool = True) -> ExperimentRow:  # fmt: skip
+    row = _row(unit.features, exp, outcome, y, meta, unit.threshold_quantile,
+               unit.threshold_folds, masks, crop)  # fmt: skip
     return replace(row, **per_image) if row.status == "done" else row
 
 
@@ -467,12 +558,15 @@ def _shared_rows(
     fs = load_feature_set(features.folder, train_first=needs.raw, with_features=needs.raw)
     _check_hash(features, fs.manifest)
     test_mask, y, per_image = _per_image(fs)
+    masks = unit_masks(unit, fs)
+    crop = bool(fs.manifest.get("crop", True))  # the geometry of maps and masks
+    grid = _grid_of(fs, features.representation)
     train = {a: np.flatnonzero(fs.rows("train", a)) for a in (False, True)}
     if needs.raw:
-        data = UnitData(np.flatnonzero(test_mask), train, needs, raw=fs.X)
+        data = UnitData(np.flatnonzero(test_mask), train, needs, raw=fs.X, grid=grid)
     else:
         blocks = lambda: iter_shard_tables(features.folder, columns=["feature"])  # noqa: E731
-        data = UnitData(np.flatnonzero(test_mask), train, needs, blocks=blocks)
+        data = UnitData(np.flatnonzero(test_mask), train, needs, blocks=blocks, grid=grid)
     notes = Path(unit.notes)
     atomic = len(unit.experiments) == 1
     group_note = notes / f"group-{uuid.uuid4().hex}.json"
@@ -507,7 +601,7 @@ def _shared_rows(
                 "dim": data.n_features}  # fmt: skip
         for exp, outcome in zip(group, outcomes, strict=True):
             outcome.fit_s += share
-            rows.append(_finish(unit, exp, outcome, y, meta, per_image))
+            rows.append(_finish(unit, exp, outcome, y, meta, per_image, masks, crop))
     if fallback:
         rows += _per_config_rows(unit, fs, fallback)
     return rows
@@ -520,6 +614,7 @@ def shared_oof(family: Family, data: UnitData, augmented: bool, folds: list[tupl
     are added to the call's. A config failing on a fold gets no out-of-fold scores."""
     train = data.train[augmented]
     oof = [np.full(len(train), np.nan) for _ in configs]
+    oof_maps: list[np.ndarray | None] = [None] * len(configs)
     failed: set[int] = set()
     extra = 0.0
     for key in folds:
@@ -529,10 +624,16 @@ def shared_oof(family: Family, data: UnitData, augmented: bool, folds: list[tupl
         for i, fold in enumerate(fold_outcomes):
             if fold.error is not None:
                 failed.add(i)
-            else:
-                oof[i][held] = fold.scores
+                continue
+            oof[i][held] = fold.scores
+            if fold.maps is not None:
+                if oof_maps[i] is None:
+                    shape = (len(train), *np.shape(fold.maps)[1:])
+                    oof_maps[i] = np.full(shape, np.nan, dtype=np.float32)
+                oof_maps[i][held] = fold.maps  # type: ignore[index]
     for i, outcome in enumerate(outcomes):
         outcome.oof_scores = oof[i] if folds and i not in failed else None
+        outcome.oof_maps = oof_maps[i] if folds and i not in failed else None
         outcome.group_s = (outcome.group_s or 0.0) + extra
         outcome.fit_s += extra / len(configs)
 
@@ -558,8 +659,10 @@ def code_version() -> str:
     """Package version plus a hash of the evaluation code and scikit-learn's version."""
     digest = hashlib.sha256(sklearn.__version__.encode())
     here = Path(__file__).parent
-    for path in (*(here / n for n in ("engine.py", "evaluate.py", "metrics.py", "mcd.py")),
-                 *sorted((here / "methods").glob("*.py"))):  # fmt: skip
+    names = ("engine.py", "evaluate.py", "metrics.py", "mcd.py", "pixel_metrics.py",
+             "anomaly_maps.py")  # fmt: skip
+    for path in (*(here / n for n in names), *sorted((here / "methods").glob("*.py")),
+                 *sorted((here / "patch").glob("*.py"))):  # fmt: skip
         digest.update(path.read_bytes())
     return f"0.1.0+{digest.hexdigest()[:12]}"
 
@@ -734,14 +837,18 @@ def retry_requested(params: EvaluateParams) -> bool:
 class Recorder:
     """The single writer: upserts rows as units finish and drives the progress bar."""
 
-    def __init__(self, engine: Any, total: int) -> None:
+    def __init__(self, engine: Any, total: int, maps: str | Path = "results/maps") -> None:
         self.engine = engine
+        self.maps = Path(maps)
         self.version = code_version()
         self.counts: Counter[str] = Counter()
         self.bar = tqdm(total=total, unit="exp", desc="evaluate", dynamic_ncols=True,
                         mininterval=1.0, smoothing=0.05)  # fmt: skip
 
     def record(self, rows: Sequence[ExperimentRow]) -> None:
+        for row in rows:  # the maps first: a done patch experiment always has its maps
+            if row.status == "done" and row.grids is not None:
+                write_grids(self.maps, row.key, row.image_ids, row.grids, row.grid_meta)
         upsert(self.engine, rows, self.version)
         self.counts.update(r.status for r in rows)
         self.bar.set_postfix({k: self.counts[k] for k in sorted(self.counts)}, refresh=False)
@@ -844,13 +951,15 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
                           else None, indexes)  # fmt: skip
     with single_writer(params.db_url):  # one run per database: a second one is refused
         remove_stale_temps(Path(params.summary).parent, recursive=False)
-        return _evaluate_grid(params, grid, feature_sets, detectors, client)
+        index = str(Path(root.data.index).resolve())
+        return _evaluate_grid(params, grid, feature_sets, detectors, client, index)
 
 
 def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, list[Planned]]],
                    feature_sets: list[FeatureSetEntry], detectors: list[DetectorConfig],
-                   client: Client | None) -> dict[str, Any]:  # fmt: skip
-    """The checked grid against the database: run what is pending, write the summary."""
+                   client: Client | None, index: str = "") -> dict[str, Any]:  # fmt: skip
+    """The checked grid against the database: run what is pending, write the summary.
+    ``index``: the image index (absolute), where patch units read their test masks."""
     keys = [e.key for _, exps in grid for e in exps]
     db = open_db(params.db_url)
     try:
@@ -867,6 +976,13 @@ def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, lis
                    if q == params.threshold_quantile and f != params.threshold_folds]  # fmt: skip
         for key in (*other_q, *other_f):
             known[key] = "stale"  # threshold metrics computed otherwise: rerun
+        lost = [e.key for fs, exps in grid if is_patch(fs.representation) for e in exps
+                if known.get(e.key) == "done" and not grid_path(params.maps, e.key).is_file()]  # fmt: skip
+        for key in lost:
+            known[key] = "maps"
+        if lost:
+            log.info("%d done patch experiments have no stored maps in %s; rerunning them",
+                     len(lost), params.maps)  # fmt: skip
         if other_q:
             log.info("%d done experiments have threshold metrics of another "
                      "threshold_quantile; rerunning them", len(other_q))  # fmt: skip
@@ -880,6 +996,7 @@ def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, lis
         skip = {"done"} if retry else {"done", *FINAL_NOT_DONE}
         notes = Path(params.scratch) / "timeouts"
         notes.mkdir(parents=True, exist_ok=True)
+        Path(params.maps).mkdir(parents=True, exist_ok=True)  # a DVC output, even when empty
         for stale in notes.glob("*.json"):
             stale.unlink()
         units = []
@@ -894,7 +1011,7 @@ def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, lis
             if todo:
                 units.append(Unit(fs, todo, params.timeout_s, str(notes.resolve()),
                                   params.threshold_quantile, params.shared,
-                                  params.threshold_folds))  # fmt: skip
+                                  params.threshold_folds, index, str(Path.cwd())))  # fmt: skip
         n_todo = sum(len(u.experiments) for u in units)
         not_done = sum(1 for k in keys if known.get(k) in FINAL_NOT_DONE)
         log.info("%d experiments in the grid (%d feature sets x %d detector configs x "
@@ -913,7 +1030,7 @@ def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, lis
                      RETRY_ENV)  # fmt: skip
         started = time.perf_counter()
         if units:
-            recorder = Recorder(db, n_todo)
+            recorder = Recorder(db, n_todo, params.maps)
             try:
                 if client is not None:
                     _run(units, params, recorder, client)

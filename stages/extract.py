@@ -95,10 +95,11 @@ from stages.backbones import (
     geometry_key,
     get_backbone,
     init_error,
+    layer_parts,
     normalisation,
     parse_representation,
     read_image,
-    represent,
+    represent_layer,
     represented_shape,
 )
 from stages.engine import EngineParams, check_scheduler, dask_client, run_units
@@ -169,7 +170,7 @@ class ExtractParams(Section):
 
 def _check_extractors(params: ExtractParams) -> None:
     """Names pydantic cannot know: backbones, their layers, inits, representations."""
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, str, str, str], int] = {}
     for i, extractor in enumerate(params.extractors):
         key = f"extract.extractors[{i}]"
         if extractor.backbone not in BACKBONES:
@@ -182,32 +183,53 @@ def _check_extractors(params: ExtractParams) -> None:
             raise UserError(f"{key}.init: {message}")
         valid_layers = get_backbone(extractor.backbone).layers
         for layer in extractor.layers:
-            if layer not in valid_layers:
-                raise UserError(
-                    f"{key}.layers: unknown layer '{layer}' for {extractor.backbone} "
-                    f"(valid: {', '.join(valid_layers)})"
-                )
+            parts = layer_parts(layer)
+            for part in parts:
+                if part not in valid_layers:
+                    raise UserError(
+                        f"{key}.layers: unknown layer '{part}' for {extractor.backbone} "
+                        f"(valid: {', '.join(valid_layers)}); several are joined with '+', "
+                        f"e.g. {'+'.join(list(valid_layers)[1:3])}"
+                    )
+            if len(set(parts)) != len(parts):
+                raise UserError(f"{key}.layers: '{layer}' joins a layer with itself "
+                                "(expected distinct layers)")  # fmt: skip
         for representation in extractor.representations:
             try:
                 parse_representation(representation)
             except ValueError:
                 raise UserError(
                     f"{key}.representations: unknown representation '{representation}' "
-                    f"(valid: {', '.join(REPRESENTATIONS)} with K >= 1, e.g. grid:2)"
+                    f"(valid: {', '.join(REPRESENTATIONS)}; grid:K with K >= 1, patch:K "
+                    "with an odd K, e.g. grid:2, patch:3)"
                 ) from None
+        try:
+            shapes = activation_shapes(extractor.backbone, extractor.layers)
+        except UserError as exc:
+            raise UserError(f"{key}.layers: {exc}") from None
+        for layer, shape in shapes.items():
+            for representation in extractor.representations:
+                try:
+                    represented_shape(shape, representation)
+                except ValueError as exc:
+                    raise UserError(f"{key}.representations: {representation} needs a layer "
+                                    f"with a spatial grid, but {extractor.backbone} {layer}'s "
+                                    f"{exc}") from None  # fmt: skip
         for name, values in (
             ("layers", extractor.layers),
             ("representations", extractor.representations),
         ):
             if len(set(values)) != len(values):
                 raise UserError(f"{key}.{name}: an entry is listed twice in {values}")
-        pair = (extractor.backbone, extractor.init)
-        if pair in seen:
-            raise UserError(
-                f"{key}: {pair[0]} with init {pair[1]} is already extractors[{seen[pair]}] "
-                "(merge their layers and representations)"
-            )
-        seen[pair] = i
+        for layer in extractor.layers:
+            for representation in extractor.representations:
+                what = (extractor.backbone, extractor.init, layer, representation)
+                if what in seen:
+                    raise UserError(
+                        f"{key}: {what[0]} ({what[1]}) {layer} {representation} is already in "
+                        f"extractors[{seen[what]}] (list each feature set once)"
+                    )
+                seen[what] = i
 
 
 def load_extract_params(path: str | Path) -> ExtractParams:
@@ -245,6 +267,15 @@ class WorkUnit:
     decoded_cache: bool = True
     transforms: tuple[str, ...] = ()  # augment.transforms of the category
 
+    # (layer, representation) of each feature set; empty: every layer x representation
+    pairs: tuple[tuple[str, str], ...] = ()
+
+    def feature_sets(self) -> list[tuple[str, str]]:
+        """(layer, representation) of every feature set the unit writes."""
+        if self.pairs:
+            return list(self.pairs)
+        return [(la, r) for la in self.layers for r in self.representations]
+
     def extractor_config(self, layer: str, representation: str) -> dict[str, Any]:
         """What determines a feature set's values (hashed into its shards and manifest)."""
         return {
@@ -267,13 +298,20 @@ def work_units(params_path: str | Path) -> list[WorkUnit]:
     # Absolute paths: a Dask worker may run in another directory (or on another machine
     # that mounts the same filesystem at the same place).
     augment_index = str((Path(params.augment.out) / AUGMENT_INDEX).resolve())
+    # entries of one backbone x init share a forward pass: one unit, each entry's
+    # layers x representations crossed within the entry only
+    merged: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for extractor in extract.extractors:
+        pairs = merged.setdefault((extractor.backbone, extractor.init), [])
+        pairs += [(la, r) for la in extractor.layers for r in extractor.representations]
     return [
         WorkUnit(
             category=category,
-            backbone=extractor.backbone,
-            init=extractor.init,
-            layers=tuple(extractor.layers),
-            representations=tuple(extractor.representations),
+            backbone=backbone,
+            init=init,
+            layers=tuple(dict.fromkeys(la for la, _ in pairs)),
+            representations=tuple(dict.fromkeys(r for _, r in pairs)),
+            pairs=tuple(pairs),
             index=str(Path(params.data.index).resolve()),
             augment_index=augment_index,
             out=str(Path(extract.out).resolve()),
@@ -290,7 +328,7 @@ def work_units(params_path: str | Path) -> list[WorkUnit]:
             transforms=tuple(params.augment.transforms[category]),
         )
         for category in params.data.categories
-        for extractor in extract.extractors
+        for (backbone, init), pairs in merged.items()
     ]
 
 
@@ -431,35 +469,34 @@ def _plan(unit: WorkUnit, rows: dict[str, list[Any]]) -> tuple[list[_FeatureSet]
     hashed = (*META_COLUMNS, "sha256")  # not the path: moving the dataset keeps shards
     meta = [list(values) for values in zip(*(rows[c] for c in hashed), strict=True)]
     sets = []
-    for layer in unit.layers:
-        for representation in unit.representations:
-            folder = feature_set_dir(
-                unit.out, unit.category, unit.backbone, unit.init, layer, representation
-            )
-            config = unit.extractor_config(layer, representation)
-            config_hash = stable_hash(config)
-            shard_hashes = [
-                stable_hash({"config": config_hash, "rows": [meta[i] for i in chunk]})
-                for chunk in chunks
-            ]
-            content_hash = stable_hash({"config": config, "inputs": inputs})
-            try:
-                manifest = read_manifest(folder)
-            except UserError:  # not a manifest (torn, edited): written again
-                manifest = None
-            done = [shard_hash_of(folder / shard_name(k)) == h for k, h in enumerate(shard_hashes)]
-            current = (
-                manifest is not None
-                and manifest.get("content_hash") == content_hash
-                and manifest.get("shard_hashes") == shard_hashes
-                and all(done)
-                and _agrees(folder, manifest, n, len(chunks))
-            )
-            if not current:
-                invalidate(folder)  # never leave a manifest over shards about to change
-            sets.append(
-                _FeatureSet(layer, representation, folder, config, content_hash, shard_hashes, done)
-            )
+    for layer, representation in unit.feature_sets():
+        folder = feature_set_dir(
+            unit.out, unit.category, unit.backbone, unit.init, layer, representation
+        )
+        config = unit.extractor_config(layer, representation)
+        config_hash = stable_hash(config)
+        shard_hashes = [
+            stable_hash({"config": config_hash, "rows": [meta[i] for i in chunk]})
+            for chunk in chunks
+        ]
+        content_hash = stable_hash({"config": config, "inputs": inputs})
+        try:
+            manifest = read_manifest(folder)
+        except UserError:  # not a manifest (torn, edited): written again
+            manifest = None
+        done = [shard_hash_of(folder / shard_name(k)) == h for k, h in enumerate(shard_hashes)]
+        current = (
+            manifest is not None
+            and manifest.get("content_hash") == content_hash
+            and manifest.get("shard_hashes") == shard_hashes
+            and all(done)
+            and _agrees(folder, manifest, n, len(chunks))
+        )
+        if not current:
+            invalidate(folder)  # never leave a manifest over shards about to change
+        sets.append(
+            _FeatureSet(layer, representation, folder, config, content_hash, shard_hashes, done)
+        )
     return sets, chunks
 
 
@@ -476,6 +513,7 @@ def extract_unit(unit: WorkUnit | dict[str, Any]) -> dict[str, Any]:
                 "layers": tuple(unit["layers"]),
                 "representations": tuple(unit["representations"]),
                 "transforms": tuple(unit.get("transforms", ())),
+                "pairs": tuple(tuple(p) for p in unit.get("pairs", ())),
             }
         )
     started = time.perf_counter()
@@ -641,7 +679,7 @@ def _compute(
             with torch.inference_mode():  # thread-local: entered on the stream's thread
                 activations = model(images)
                 return [
-                    (j, represent(activations[sets[j].layer], sets[j].representation).numpy())
+                    (j, represent_layer(activations, sets[j].layer, sets[j].representation).numpy())
                     for j in todo[k]
                 ]
 

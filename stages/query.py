@@ -5,6 +5,7 @@
     python -m stages.query failed --status crashed
     python -m stages.query show KEY            # a unique prefix of the key is enough
     python -m stages.query export-submission KEY out.csv
+    python -m stages.query map KEY test/crack/003 --out map.png   # one test image's anomaly map
 
 The database is ``evaluate.db_url`` of ``--params`` (default params.yaml), or ``--db URL``.
 Filters: one option per config field (``--category``, ``--augmented``, ``--backbone``,
@@ -17,6 +18,13 @@ Submission file (the Kaggle format of the MVTec course assignment): CSV with the
 e.g. ``test/broken_large/000.png`` first); ``id`` counts from 0 in that order and
 ``prediction`` is 1 (anomaly) iff the image's score > the experiment's honest threshold
 (``threshold_honest``, from the training scores only), else 0; a NaN score is 0.
+
+Anomaly map (``map``, experiments of patch families only): a PNG of one test image in the
+model's input geometry with its defect mask outlined, next to the experiment's anomaly map
+over it (``stages.anomaly_maps.overlay``), coloured on one scale for all the experiment's
+test maps (their min to max), so colours compare across images. Maps are read from
+``--maps``, else ``evaluate.maps`` (``results/maps``); images and masks through the image
+index ``data.index``, whose paths are relative to the project folder (run from there).
 """
 
 from __future__ import annotations
@@ -24,11 +32,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
+import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import Boolean, Float, Integer, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -172,6 +184,191 @@ def _write_rows(fh: Any, rows: Sequence[tuple[int, str, int]]) -> None:
     writer.writerows((i, p) for i, _, p in rows)
 
 
+# --- anomaly maps --------------------------------------------------------------------------
+
+DEFAULT_MAPS = "results/maps"
+DEFAULT_INDEX = "cache/dataset/index.parquet"
+MAP_FIGSIZE = (10.0, 5.4)  # inches; at MAP_DPI the PNG of ``map`` is 1000 x 540 pixels
+MAP_DPI = 100
+INDEX_COLUMNS = ("category", "image_id", "path", "mask_path")
+
+
+def map_settings(params_path: str | Path, maps_override: str | None) -> tuple[Path, Path]:
+    """``(maps folder, image index)``: ``--maps`` or ``evaluate.maps``, and ``data.index``
+    of the params file (their defaults when the default params file is absent)."""
+    if str(params_path) == DEFAULT_PARAMS and not Path(params_path).exists():
+        return Path(maps_override or DEFAULT_MAPS), Path(DEFAULT_INDEX)
+    params = load_params(params_path)
+    maps = maps_override or (params.evaluate or {}).get("maps", DEFAULT_MAPS)
+    return Path(maps), Path(params.data.index)
+
+
+@dataclass
+class ExperimentMaps:
+    """One done patch experiment's test-image anomaly maps and their geometry."""
+
+    exp: dict[str, Any]  # the experiment's row
+    image_ids: list[str]
+    maps: np.ndarray  # (n, 224, 224) float32, as the pixel metrics saw them
+    category: str
+    backbone: str
+    crop: bool
+    vmin: float  # the colour scale: min and max over every finite pixel of every map
+    vmax: float
+
+
+def experiment_maps(exp: dict[str, Any], maps_dir: str | Path) -> ExperimentMaps:
+    """The stored maps of experiment ``exp``; one-line ``UserError`` when it has none."""
+    from stages.anomaly_maps import MAP_SIZE, grid_meta, grid_path, read_grids
+    from stages.backbones import is_patch
+    from stages.patch.maps import anomaly_maps
+
+    short = exp["key"][:12]
+    if not is_patch(exp["representation"]):
+        raise UserError(f"experiment {short} ({exp['detector_name']}, representation "
+                        f"{exp['representation']}) is an image-level detector: it scores whole "
+                        "images and has no anomaly maps (patch families such as PatchCore "
+                        "and PaDiM have)")  # fmt: skip
+    if exp["status"] != "done":
+        raise UserError(f"experiment {short} is {exp['status']}, not done: no anomaly maps")
+    path = grid_path(maps_dir, exp["key"])
+    if not path.is_file():
+        raise UserError(f"{path}: anomaly maps of experiment {short} not found (maps folder "
+                        f"{maps_dir}: evaluate.maps or --maps); rerun the evaluate stage, "
+                        "which stores them again")  # fmt: skip
+    ids, grids = read_grids(maps_dir, exp["key"])
+    meta = grid_meta(maps_dir, exp["key"])
+    maps = anomaly_maps(grids, MAP_SIZE)
+    finite = maps[np.isfinite(maps)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    return ExperimentMaps(exp, ids, maps, str(meta.get("category", exp["category"])),
+                          str(meta.get("backbone", exp["backbone"])),
+                          bool(meta.get("crop", True)), vmin, vmax)  # fmt: skip
+
+
+def map_index(maps: ExperimentMaps, image_id: str) -> int:
+    """Position of ``image_id`` among the experiment's test images (a ``.png`` suffix is
+    ignored); ``UserError`` listing a few valid ids."""
+    for candidate in (image_id, image_id.removesuffix(".png")):
+        if candidate in maps.image_ids:
+            return maps.image_ids.index(candidate)
+    ids = sorted(maps.image_ids)
+    good = [i for i in ids if "/good/" in i]
+    shown = ", ".join([*good[:2], *[i for i in ids if i not in good][:3]])
+    raise UserError(f"image {image_id!r} is not a test image of experiment "
+                    f"{maps.exp['key'][:12]} ({maps.category}, {len(ids)} test images; "
+                    f"e.g. {shown})")  # fmt: skip
+
+
+def index_rows(index: str | Path, category: str) -> dict[str, dict[str, Any]]:
+    """``image_id -> {path, mask_path, ...}`` of one category in the image index."""
+    from stages.dataset import read_index
+
+    table = read_index(index)
+    missing = [c for c in INDEX_COLUMNS if c not in table.column_names]
+    if missing:
+        raise UserError(f"{index}: not an image index (no column {missing[0]}); rerun the "
+                        "dataset stage (dvc repro dataset)")  # fmt: skip
+    rows = table.select(list(INDEX_COLUMNS)).to_pylist()
+    return {r["image_id"]: r for r in rows if r["category"] == category}
+
+
+def picture(
+    rows: dict[str, dict[str, Any]], image_id: str, maps: ExperimentMaps, index: str | Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(image HxWx3 uint8, mask HxW bool)`` of one test image in the model's geometry.
+
+    Paths in the index are relative to the project folder (the working directory)."""
+    from stages.anomaly_maps import load_masks
+    from stages.backbones import geometry, read_image
+
+    row = rows.get(image_id)
+    if row is None:
+        raise UserError(f"{index}: no image {image_id} of category {maps.category} in the "
+                        "image index (rerun the dataset stage: dvc repro dataset)")  # fmt: skip
+    path = Path(row["path"])
+    try:
+        with read_image(path) as image:
+            tensor = geometry(maps.backbone, maps.crop)(image)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read this image ({exc.strerror or exc}; listed in "
+                        f"{index}); run from the project folder, or rerun the dataset "
+                        "stage") from None  # fmt: skip
+    mask = load_masks([row["mask_path"]], [str(path)], maps.backbone, maps.crop)[0]
+    return tensor.permute(1, 2, 0).numpy(), mask
+
+
+def image_labels(engine: Engine, key: str) -> dict[str, tuple[str, bool, float | None]]:
+    """``image_id -> (defect_type, is_anomaly, score)`` of one experiment's test images."""
+    query = (
+        select(Image.image_id, Image.defect_type, Image.is_anomaly, Score.score)
+        .join(Score, Score.image == Image.id)
+        .join(Experiment, Experiment.id == Score.experiment)
+        .where(Experiment.key == key)
+    )
+    with Session(engine) as session:
+        return {i: (d, bool(a), s) for i, d, a, s in session.execute(query)}
+
+
+def score_text(score: float | None) -> str:
+    return "n/a" if score is None or math.isnan(score) else f"{score:.4g}"
+
+
+def outline(ax: Any, mask: np.ndarray) -> None:
+    """The mask's outline on an image axis: white, stroked in black (visible on any image)."""
+    if mask.any():
+        from matplotlib import patheffects
+
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors="white", linewidths=1.3,
+                   path_effects=[patheffects.withStroke(linewidth=2.6, foreground="black")])  # fmt: skip
+
+
+def write_map_figure(maps: ExperimentMaps, engine: Engine, image_id: str, index: str | Path,
+                     out: str | Path) -> Path:  # fmt: skip
+    """The ``map`` command's PNG: the image with its mask outline, and the anomaly map over
+    it on the experiment's colour scale (``MAP_FIGSIZE`` at ``MAP_DPI``)."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    from stages.anomaly_maps import overlay
+
+    i = map_index(maps, image_id)
+    image_id = maps.image_ids[i]
+    image, mask = picture(index_rows(index, maps.category), image_id, maps, index)
+    defect, _, score = image_labels(engine, maps.exp["key"]).get(image_id, ("?", False, None))
+    fig = Figure(figsize=MAP_FIGSIZE, dpi=MAP_DPI, layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.imshow(image)
+    outline(left, mask)
+    left.set_title("model input" + (", defect outlined" if mask.any() else f" ({defect})"))
+    right.imshow(overlay(image, maps.maps[i], mask, maps.vmin, maps.vmax))
+    right.set_title("anomaly map")
+    for ax in (left, right):
+        ax.set_axis_off()
+    scale = ScalarMappable(Normalize(maps.vmin, maps.vmax), colormaps["jet"])
+    fig.colorbar(scale, ax=right, shrink=0.85,
+                 label=f"map value (min to max over all {len(maps.image_ids)} test maps)")  # fmt: skip
+    name = textwrap.shorten(maps.exp["detector_name"], 70, placeholder="...")
+    fig.suptitle(f"{name} | {image_id} | image score {score_text(score)}\ncolour scale "
+                 f"{maps.vmin:.4g} (blue) to {maps.vmax:.4g} (red), experiment "
+                 f"{maps.exp['key'][:12]}", fontsize=11)  # fmt: skip
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=MAP_DPI)
+    return Path(out)
+
+
+def write_map(engine: Engine, key: str, image_id: str, out: str | Path, maps_dir: str | Path,
+              index: str | Path) -> Path:  # fmt: skip
+    """``map``: one test image's anomaly-map PNG of experiment ``key`` (a unique prefix)."""
+    problem = path_problem(str(out), "output-file")
+    if problem:
+        raise UserError(f"{out}: {problem} (the output PNG of map)")
+    maps = experiment_maps(experiment_by_key(engine, key), maps_dir)
+    return write_map_figure(maps, engine, image_id, index, out)
+
+
 # --- terminal tables -----------------------------------------------------------------------
 
 
@@ -245,6 +442,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("key", help="experiment key or a unique prefix")
     export.add_argument("out", help="output CSV path, or - for stdout")
+    amap = sub.add_parser(
+        "map",
+        help="PNG of one test image's anomaly map (patch experiments)",
+        description="The image in the model's geometry with its mask outlined, and the "
+        "anomaly map over it, coloured on the min-max scale of all the experiment's test maps.",
+    )
+    amap.add_argument("key", help="experiment key or a unique prefix")
+    amap.add_argument("image_id", help="a test image id, e.g. test/crack/003")
+    amap.add_argument("--out", required=True, help="output PNG path")
+    amap.add_argument("--maps", help="maps folder (default: evaluate.maps of --params)")
+    # also accepted after the command (the global ones are read before it)
+    amap.add_argument("--params", default=argparse.SUPPRESS, help="params file (params.yaml)")
+    amap.add_argument("--db", default=argparse.SUPPRESS, help="database URL")
     return parser
 
 
@@ -273,6 +483,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             exp = experiment_by_key(engine, args.key)
             exp["hyperparams"] = json.dumps(json.loads(exp["hyperparams"]), sort_keys=True)
             print(show_text(exp))
+        elif args.command == "map":
+            maps_dir, index = map_settings(args.params, args.maps)
+            print(write_map(engine, args.key, args.image_id, args.out, maps_dir, index))
         else:
             n = write_submission(engine, args.key, args.out)
             if args.out != "-":

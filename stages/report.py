@@ -11,8 +11,14 @@ Writes, under ``report.out``:
   ``evaluate.seeds`` per config), the augmentation benefit, a family x backbone/layer
   heatmap, Figure 4 (family time per work unit against feature dimension and training-set
   size) and ROC
-  curves of each category's best configs; PNG figures in ``figures/``;
-- ``metrics.json`` (for ``dvc metrics show``; ``seed_spread`` per stochastic family),
+  curves of each category's best configs; PNG figures in ``figures/``. When experiments
+  made anomaly maps (patch families), the section "Where is the defect": per category the
+  image AUROC, pixel AUROC and AUPRO of four picks among them (oracle by image AUROC, by
+  AUPRO; honest LOCO by each), and ``figures/maps_<category>.png``: the best-AUPRO
+  experiment's maps over the least and most anomalous good and defective test images
+  (maps from ``evaluate.maps``, images and masks through ``data.index``);
+- ``metrics.json`` (for ``dvc metrics show``; ``seed_spread`` per stochastic family;
+  ``pixel`` when experiments made maps),
   ``experiments.csv`` (every experiment, every column) and ``plots/roc/<category>.csv``
   (``fpr,tpr`` of the category's best config, for ``dvc plots``).
 
@@ -39,6 +45,7 @@ import json
 import logging
 import math
 import re
+import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -68,6 +75,14 @@ from stages.metrics import (
     tie_safe_scores,
 )
 from stages.params import OutputFolder, Section, load_params, load_section, stage_args
+from stages.query import (
+    ExperimentMaps,
+    experiment_maps,
+    image_labels,
+    index_rows,
+    picture,
+    score_text,
+)
 from stages.results_db import STATUSES, Experiment, Image, Score, open_db
 
 log = logging.getLogger("stages.report")
@@ -474,6 +489,233 @@ def figure_roc(curves: dict[str, list[tuple[str, np.ndarray, np.ndarray, float]]
     _save(fig, path)
 
 
+# --- pixel level ---------------------------------------------------------------------------
+
+# The four picks of the pixel-level section: (name, label in report.md).
+PIXEL_PICKS = (
+    ("oracle_auroc", "oracle: best image AUROC"),
+    ("oracle_aupro", "oracle: best AUPRO"),
+    ("loco_auroc", "honest (LOCO): best mean image-AUROC rank"),
+    ("loco_aupro", "honest (LOCO): best mean AUPRO rank"),
+)
+PIXEL_VALUES = ("auroc", "pixel_auroc", "aupro")  # image AUROC, pixel AUROC, AUPRO
+
+
+@dataclass(frozen=True)
+class PixelPick:
+    """One selection's experiment on a category (``row``), or why there is none (``note``);
+    ``tied``: for a LOCO pick, how many configs shared the best mean rank."""
+
+    row: dict[str, Any] | None
+    note: str = ""
+    tied: int | None = None
+
+
+@dataclass
+class PixelResults:
+    """The pixel-level section: per category (those with maps) the four picks."""
+
+    categories: list[str]
+    experiments: int  # done experiments with pixel metrics
+    picks: dict[str, dict[str, PixelPick]]  # category -> pick name -> pick
+
+
+def with_maps(done: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Done experiments with pixel metrics: those that made anomaly maps."""
+    return [r for r in done if r["pixel_auroc"] is not None or r["aupro"] is not None]
+
+
+def _best_by(rows: Iterable[dict[str, Any]], field: str) -> dict[str, Any] | None:
+    """The row with the highest ``field`` (ties: the smallest key), None if none has one."""
+    return min((r for r in rows if r[field] is not None), key=lambda r: (-r[field], r["key"]),
+               default=None)  # fmt: skip
+
+
+def _by_aupro(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as ``loco_selection`` reads it, ranked by AUPRO: ties on the mean rank go to
+    the higher mean AUPRO, then pixel AUROC, then honest pixel F1 on the other categories."""
+    return {**row, "auroc": row["aupro"], "average_precision": row["pixel_auroc"],
+            "f1_honest": row["pixel_f1_honest"]}  # fmt: skip
+
+
+def _loco_pick(choice: LocoChoice, by_key: dict[str, dict[str, Any]], n: int) -> PixelPick:
+    if n < 2:
+        return PixelPick(None, NEEDS_TWO)
+    if choice.config is None:
+        return PixelPick(None, "n/a (no config with maps done in all other categories)")
+    if choice.key is None:
+        return PixelPick(None, "n/a (chosen config not done here)", choice.tied)
+    return PixelPick(by_key[choice.key], "", choice.tied)
+
+
+def pixel_selection(done: Sequence[dict[str, Any]], categories: Sequence[str]) -> PixelResults:
+    """Per category with maps, among the experiments with maps: the oracle best by image
+    AUROC and by AUPRO, and the honest leave-one-category-out choices by the mean rank of
+    each on the other categories (``loco_selection``, as Table 4)."""
+    rows = with_maps(done)
+    present = {r["category"] for r in rows}
+    cats = [c for c in categories if c in present]
+    by_key = {r["key"]: r for r in rows}
+    loco = {"loco_auroc": loco_selection(rows, cats),
+            "loco_aupro": loco_selection([_by_aupro(r) for r in rows], cats)}  # fmt: skip
+    picks = {}
+    for c in cats:
+        here = [r for r in rows if r["category"] == c]
+        by_aupro = _best_by(here, "aupro")
+        picks[c] = {
+            "oracle_auroc": PixelPick(_best_by(here, "auroc")),
+            "oracle_aupro": PixelPick(by_aupro, "" if by_aupro else "n/a (no AUPRO here)"),
+            **{name: _loco_pick(choice[c], by_key, len(cats)) for name, choice in loco.items()},
+        }
+    return PixelResults(cats, len(rows), picks)
+
+
+def pixel_means(pixel: PixelResults) -> dict[str, dict[str, Any]]:
+    """Per pick: the mean image AUROC, pixel AUROC and AUPRO over the categories it has."""
+    out = {}
+    for name, _ in PIXEL_PICKS:
+        chosen = [p[name].row for p in pixel.picks.values() if p[name].row is not None]
+        out[name] = {"categories": len(chosen),
+                     **{v: _mean(r[v] for r in chosen) for v in PIXEL_VALUES}}  # fmt: skip
+    return out
+
+
+def pixel_metrics_json(pixel: PixelResults) -> dict[str, Any]:
+    """The pixel-level numbers of ``metrics.json``."""
+
+    def entry(pick: PixelPick) -> dict[str, Any] | None:
+        r = pick.row
+        return None if r is None else {"key": r["key"], **{v: r[v] for v in PIXEL_VALUES}}
+
+    return {
+        "categories": len(pixel.categories),
+        "experiments": pixel.experiments,
+        "mean": pixel_means(pixel),
+        "per_category": {
+            c: {name: entry(p[name]) for name, _ in PIXEL_PICKS} for c, p in pixel.picks.items()
+        },
+    }
+
+
+def map_panels(labels: dict[str, tuple[str, bool, float | None]],
+               ids: Sequence[str]) -> list[tuple[str, str]]:  # fmt: skip
+    """``(image_id, role)`` of the images a category's figure shows: the least and most
+    anomalous good and defective test images (by image score; NaN as least anomalous)."""
+
+    def rank(i: str) -> tuple[float, str]:
+        s = labels[i][2]
+        return (-math.inf if s is None or math.isnan(s) else s), i
+
+    panels: list[tuple[str, str]] = []
+    for anomalous, kind in ((False, "good"), (True, "defective")):
+        group = sorted((i for i in ids if i in labels and labels[i][1] == anomalous), key=rank)
+        for image, role in ((group[:1], f"least anomalous {kind}"),
+                            (group[-1:], f"most anomalous {kind}")):  # fmt: skip
+            if image and image[0] not in {p for p, _ in panels}:
+                panels.append((image[0], role))
+    return panels
+
+
+def figure_maps(maps: ExperimentMaps, panels: Sequence[tuple[str, str]],
+                labels: dict[str, tuple[str, bool, float | None]],
+                pictures: Sequence[tuple[np.ndarray, np.ndarray]], path: Path) -> None:  # fmt: skip
+    """One category's best map experiment over a few test images: each panel the anomaly
+    map over the image with the mask outlined, all on one colour scale (its test maps')."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    from stages.anomaly_maps import overlay
+
+    fig = Figure(figsize=(3.2 * len(panels) + 1.0, 4.3), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (image_id, role), (image, mask) in zip(axes, panels, pictures, strict=True):
+        ax.imshow(overlay(image, maps.maps[maps.image_ids.index(image_id)], mask, maps.vmin,
+                          maps.vmax))  # fmt: skip
+        name = "/".join(image_id.split("/")[-2:])
+        ax.set_title(f"{name}, score {score_text(labels[image_id][2])}\n{role}", fontsize=10)
+        ax.set_axis_off()
+    fig.colorbar(ScalarMappable(Normalize(maps.vmin, maps.vmax), colormaps["jet"]),
+                 ax=list(axes), shrink=0.8, pad=0.015, label="anomaly map value")  # fmt: skip
+    exp = maps.exp
+    detector = textwrap.shorten(exp["detector_name"], 60, placeholder="...")
+    fig.suptitle(f"{maps.category}: {detector}, {extractor_label(exp)} (AUPRO "
+                 f"{fmt(exp['aupro'], 3)}); scale: min to max of its {len(maps.image_ids)} "
+                 "test maps; mask outlined in white", fontsize=10)  # fmt: skip
+    _save(fig, path)
+
+
+def draw_category_maps(engine: Engine, exp: dict[str, Any], maps_dir: Path, index: Path,
+                       path: Path) -> str:  # fmt: skip
+    """Draw ``path`` for experiment ``exp``; return the caption naming the images shown."""
+    maps = experiment_maps(exp, maps_dir)
+    labels = image_labels(engine, exp["key"])
+    panels = map_panels(labels, maps.image_ids)
+    if not panels:
+        raise UserError(f"experiment {exp['key'][:12]}: no scored test image with a map")
+    rows = index_rows(index, maps.category)
+    pictures = [picture(rows, image_id, maps, index) for image_id, _ in panels]
+    figure_maps(maps, panels, labels, pictures, path)
+    return "Shown (left to right): " + "; ".join(
+        f"`{i}` ({role}, score {score_text(labels[i][2])})" for i, role in panels
+    )
+
+
+def _pixel_section(pixel: PixelResults, engine: Engine, figures: Path, maps_dir: Path,
+                   index: Path) -> str:  # fmt: skip
+    """Markdown of the pixel-level section; draws ``figures/maps_<category>.png``."""
+    n_cat = len(pixel.categories)
+    means = pixel_means(pixel)
+    labels = dict(PIXEL_PICKS)
+    parts = [
+        f"{pixel.experiments} done experiments made anomaly maps (patch families), in "
+        f"{n_cat} categor{'y' if n_cat == 1 else 'ies'}. They are scored per pixel in the "
+        "model's 224 x 224 input: *pixel AUROC* over every pixel of every test image, "
+        "*AUPRO* the mean overlap with each defect region up to a false positive rate of "
+        "0.3 (normalised to [0, 1]). Four picks per category, among these experiments only: "
+        "the *oracle* best by the category's own image AUROC or AUPRO (optimistic), and the "
+        "*honest* leave-one-category-out choice by the best mean rank of image AUROC or of "
+        "AUPRO on the other categories (as Table 4; ties on the rank: the higher mean of "
+        "that metric there, then AP or pixel AUROC, then honest F1 or pixel F1; *tied*: "
+        "configs sharing the rank).",
+    ]
+    if n_cat < 2:
+        parts.append("Only one category has experiments with maps: leave-one-category-out "
+                     "selection is not possible (it needs >= 2 categories).")  # fmt: skip
+    parts.append(md_table(
+        ["selection", "categories", "mean image AUROC", "mean pixel AUROC", "mean AUPRO"],
+        [[labels[name], m["categories"], *(m[v] for v in PIXEL_VALUES)]
+         for name, m in means.items()], "lrrrr"))  # fmt: skip
+    for category in pixel.categories:
+        table = []
+        for name, label in PIXEL_PICKS:
+            pick = pixel.picks[category][name]
+            r = pick.row
+            tied = "" if pick.tied is None else pick.tied
+            if r is None:
+                table.append([label, pick.note, "", "", "", "", tied, ""])
+                continue
+            table.append([label, r["auroc"], r["pixel_auroc"], r["aupro"], r["detector_name"],
+                          f"{extractor_label(r)} {r['representation']}", tied,
+                          f"`{r['key'][:12]}`"])  # fmt: skip
+        parts.append(f"### {category}\n\n" + md_table(
+            ["selection", "image AUROC", "pixel AUROC", "AUPRO", "detector", "extractor",
+             "tied", "key"], table, "lrrrllrl"))  # fmt: skip
+        best = pixel.picks[category]["oracle_aupro"].row
+        if best is None:
+            continue
+        name = f"maps_{re.sub(r'[^A-Za-z0-9_.-]', '_', category)}.png"
+        try:
+            caption = draw_category_maps(engine, best, maps_dir, index, figures / name)
+        except UserError as exc:
+            log.warning("%s: no map figure: %s", category, exc)
+            parts.append(f"No map figure for {category}: {exc}")
+            continue
+        parts.append(f"![anomaly maps of {category}](figures/{name})\n\nMaps of the best "
+                     f"config by AUPRO (`{best['key'][:12]}`). {caption}.")  # fmt: skip
+    return _section("Where is the defect: pixel-level results", *parts)
+
+
 # --- the stage -----------------------------------------------------------------------------
 
 
@@ -490,6 +732,7 @@ class Report:
     augmentation: list[dict[str, Any]]
     seed_spread: list[dict[str, Any]]
     metrics: dict[str, Any]
+    pixel: PixelResults | None = None  # None: no experiment made anomaly maps
 
 
 def build_metrics(rows: Sequence[dict[str, Any]], categories: Sequence[str],
@@ -579,8 +822,10 @@ def _seed_spread_section(spread: Sequence[dict[str, Any]], top_n: int) -> str:
 
 
 def render(report: Report, params: ReportParams, engine: Engine, out: Path, stats_dir: Path,
-           db_url: str) -> str:  # fmt: skip
-    """Write the figures and plot data; return the Markdown of ``report.md``."""
+           db_url: str, maps_dir: Path = Path("results/maps"),
+           index: Path = Path("cache/dataset/index.parquet")) -> str:  # fmt: skip
+    """Write the figures and plot data; return the Markdown of ``report.md``. ``maps_dir``
+    and ``index``: where the pixel-level figures find the maps, images and masks."""
     rows, done, categories = report.rows, report.done, report.categories
     figures, roc_dir = out / "figures", out / "plots" / "roc"
     _clear(figures, "*.png")
@@ -648,6 +893,8 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
                   "LOCO config", "tied (AUROC here: min / median / max)", "oracle - honest"],
                  t4, "lrlrllr"),
     ))  # fmt: skip
+    if report.pixel is not None:
+        parts.append(_pixel_section(report.pixel, engine, figures, maps_dir, index))
 
     parts.append(_section(
         "Table 5: seconds per detector family",
@@ -802,15 +1049,20 @@ def report(params_path: str | Path) -> Report:
         best = best_per_category(done)
         loco = loco_selection(done, categories)
         spread = seed_spread(done)
+        pixel = pixel_selection(done, categories) if with_maps(done) else None
         result = Report(
             rows=rows, done=done, categories=categories, best=best, loco=loco,
             families=family_times(rows),
             augmentation=augmentation_benefit(done, categories),
             seed_spread=spread,
-            metrics=build_metrics(rows, categories, best, loco, spread),
+            metrics=build_metrics(rows, categories, best, loco, spread), pixel=pixel,
         )  # fmt: skip
+        if pixel is not None:
+            result.metrics["pixel"] = pixel_metrics_json(pixel)
         out = Path(params.out)
-        text = render(result, params, engine, out, Path(root.data.stats_dir), db_url)
+        maps_dir = Path((root.evaluate or {}).get("maps", "results/maps"))
+        text = render(result, params, engine, out, Path(root.data.stats_dir), db_url,
+                      maps_dir, Path(root.data.index))  # fmt: skip
     finally:
         engine.dispose()
     remove_stale_temps(out, recursive=False)  # a killed run's (figures/ and plots/ are redone)

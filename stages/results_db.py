@@ -76,6 +76,17 @@ THRESHOLD_COLUMNS = (
     *(f"{name}_{kind}" for kind in THRESHOLD_KINDS for name in THRESHOLD_FIELDS),
 )
 FINAL_NOT_DONE = ("failed", "crashed", "timeout")
+# Pixel-level metrics of the experiments that make anomaly maps (NULL for the others).
+PIXEL_COLUMNS = (
+    "pixel_auroc",
+    "aupro",
+    "pixel_threshold_honest",
+    "pixel_f1_honest",
+    "pixel_precision_honest",
+    "pixel_recall_honest",
+    "pixel_threshold_oracle",
+    "pixel_f1_oracle",
+)
 
 
 class Base(DeclarativeBase):
@@ -149,6 +160,18 @@ class Experiment(Base):
     fp_insample: Mapped[int | None] = mapped_column(Integer)
     tn_insample: Mapped[int | None] = mapped_column(Integer)
     fn_insample: Mapped[int | None] = mapped_column(Integer)
+    # Pixel level (experiments with anomaly maps only; stages.pixel_metrics): over every
+    # pixel of every test image in the model's geometry; AUPRO up to FPR 0.3; F1 of
+    # ``map > threshold`` at the honest threshold (``threshold_quantile`` of the training
+    # images' out-of-fold map pixels) and at the oracle max-F1 threshold.
+    pixel_auroc: Mapped[float | None] = mapped_column(Float)
+    aupro: Mapped[float | None] = mapped_column(Float)
+    pixel_threshold_honest: Mapped[float | None] = mapped_column(Float)
+    pixel_f1_honest: Mapped[float | None] = mapped_column(Float)
+    pixel_precision_honest: Mapped[float | None] = mapped_column(Float)
+    pixel_recall_honest: Mapped[float | None] = mapped_column(Float)
+    pixel_threshold_oracle: Mapped[float | None] = mapped_column(Float)
+    pixel_f1_oracle: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -209,6 +232,11 @@ class ExperimentRow:
     defect_types: Sequence[str] = field(default_factory=list)
     is_anomaly: Sequence[bool] = field(default_factory=list)
     scores: Sequence[float] = field(default_factory=list)
+    # ``PIXEL_COLUMNS`` of an experiment with anomaly maps, and its test images' patch-score
+    # grids (n_test, h, w), which the stage stores beside the database (``stages.anomaly_maps``).
+    pixel: dict[str, float | None] = field(default_factory=dict)
+    grids: Any = None
+    grid_meta: dict[str, Any] = field(default_factory=dict)  # stored with the grids
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -514,6 +542,7 @@ def _upsert(engine: Engine, rows: Sequence[ExperimentRow], code_version: str) ->
                 "n_neginf": row.n_neginf,
                 "error": row.error,
                 **{name: _db_value(row.thresholds.get(name)) for name in THRESHOLD_COLUMNS},
+                **{name: _db_value(row.pixel.get(name)) for name in PIXEL_COLUMNS},
                 "updated_at": now,
                 "code_version": code_version,
             }

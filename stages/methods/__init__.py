@@ -33,6 +33,10 @@ from stages.methods.knn import KNNDistanceFamily
 from stages.methods.lof import LocalOutlierFactorFamily
 from stages.methods.mahalanobis import MahalanobisFamily
 from stages.methods.ocsvm import OneClassSVMFamily
+from stages.methods.padim import PaDiMFamily
+from stages.methods.patch_knn import PatchKNNFamily
+from stages.methods.patch_mahalanobis import PatchMahalanobisFamily
+from stages.methods.patchcore import PatchCoreFamily
 from stages.methods.pca_reconstruction import PCAReconstructionFamily
 from stages.methods.unit import Needs, UnitData
 
@@ -51,6 +55,10 @@ FAMILIES: dict[str, Family] = {
         KNNDistanceFamily,
         MahalanobisFamily,
         PCAReconstructionFamily,
+        PatchCoreFamily,
+        PaDiMFamily,
+        PatchKNNFamily,
+        PatchMahalanobisFamily,
         CrashFamily,
         HangFamily,
     )

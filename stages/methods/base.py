@@ -78,7 +78,9 @@ class Outcome:
     from which the evaluate stage sets a threshold without test labels. They are in-sample,
     so optimistic for memorising detectors (a KDE or LOF sees the point itself). ``None``
     where they could not be computed. ``maps``: optionally one 2-D score map per test image
-    (n_test, H, W) from families that localise; ``None`` for image-level families.
+    (n_test, h, w: a patch-score grid) from families that localise (``Family.patch``), and
+    ``train_maps``/``oof_maps`` those of the training rows (in-sample / out-of-fold: the
+    honest pixel threshold); ``None`` for image-level families.
     ``group_s``/``group_size``: the family call that served the config, its own measured
     seconds and how many configs it served (``None``: a per-config fit, ``fit_s + score_s``).
     ``oof_scores``: every training row scored by the model of the fold that held it out
@@ -94,12 +96,15 @@ class Outcome:
     group_s: float | None = None
     group_size: int | None = None
     oof_scores: np.ndarray | None = None  # training rows scored by models that did not see them
+    train_maps: np.ndarray | None = None  # (n_train, h, w) in-sample, with ``maps``
+    oof_maps: np.ndarray | None = None  # (n_train, h, w) out-of-fold, with ``oof_scores``
 
 
 @dataclass
 class Scored:
     """A shared path's result for one config: scores of the unit's queries (test rows, then
-    training rows, as ``UnitData.queries`` orders them) and optional test score maps."""
+    training rows, as ``UnitData.queries`` orders them) and, from a patch family, one
+    patch-score grid per query (n_queries, h, w), in the same order."""
 
     scores: np.ndarray
     maps: np.ndarray | None = None
@@ -159,6 +164,11 @@ class Family:
     hyper: ClassVar[type[Hyper]]
     seeded: ClassVar[bool] = False  # passes ``random_state=seed``
     test_only: ClassVar[bool] = False
+    # Scores patches of a patch feature set (representation ``patch``) and returns a
+    # patch-score grid per image; the evaluate stage pairs patch families with patch
+    # feature sets only, and the image-level families with the others. Its plain
+    # reference receives the rows as (n, h, w, c) arrays.
+    patch: ClassVar[bool] = False
     # The shared path fails the whole group, as scikit-learn's input check does, when a
     # query row has a non-finite feature (a family whose estimator accepts NaN sets False).
     needs_finite: ClassVar[bool] = True
@@ -287,9 +297,11 @@ class Family:
                 continue
             scored = result if isinstance(result, Scored) else Scored(result)
             s = np.asarray(scored.scores, dtype=np.float64)
+            m = scored.maps
             outcomes.append(Outcome(s[:n_test], share, 0.0, train_scores=s[n_test:],
-                                    maps=scored.maps, group_s=own,
-                                    group_size=len(configs)))  # fmt: skip
+                                    maps=None if m is None else m[:n_test],
+                                    train_maps=None if m is None else m[n_test:],
+                                    group_s=own, group_size=len(configs)))  # fmt: skip
         return outcomes
 
 

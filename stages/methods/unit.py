@@ -294,17 +294,23 @@ class Needs:
     raw: bool = False  # the raw feature rows in memory (else the Gram streams from shards)
     knn: int = 0  # depth of the kNN table (0: none)
     pca: int = 0  # principal components (ALL: every one)
+    coreset: float = 0.0  # largest coreset ratio of a patch bank (0: none)
 
-    def reserve(self, *, raw: bool = False, knn: int = 0, pca: int = 0) -> None:
+    def reserve(
+        self, *, raw: bool = False, knn: int = 0, pca: int = 0, coreset: float = 0.0
+    ) -> None:
         self.raw = self.raw or raw
         self.knn = max(self.knn, int(knn))
         self.pca = max(self.pca, int(pca))
+        self.coreset = max(self.coreset, float(coreset))
 
 
 class UnitData:
     """One work unit's rows and its shared quantities, computed lazily and kept.
 
-    ``test`` and ``train[augmented]`` are integer row indices. ``raw`` is the (rows,
+    ``test`` and ``train[augmented]`` are integer row indices. ``grid`` ``(h, w, c)``: a
+    patch feature set's layout (each row is ``h x w`` positions of ``c`` channels), else
+    ``None``. ``raw`` is the (rows,
     features) matrix, or ``None`` when no family needs it: then ``blocks`` (a callable
     returning a fresh iterable of row blocks, e.g. the shards) feeds the Gram. ``dtype`` is
     the features' dtype as scikit-learn would see them (float32 for the stage's shards),
@@ -322,6 +328,7 @@ class UnitData:
         raw: np.ndarray | None = None,
         blocks: Callable[[], Iterable[np.ndarray | pa.Table]] | None = None,
         dtype: np.dtype | type | None = None,
+        grid: tuple[int, int, int] | None = None,
     ) -> None:
         if raw is None and blocks is None:
             raise ValueError("UnitData needs the raw rows or a block source for the Gram")
@@ -336,6 +343,7 @@ class UnitData:
         self._raw = raw
         self._blocks = blocks
         self._dtype = None if dtype is None else np.dtype(dtype)
+        self.grid = None if grid is None else tuple(int(v) for v in grid)
         self._cache: dict[str, Any] = {}
         self._used: set[str] = set()
         self._deps: dict[str, frozenset[str]] = {}
@@ -360,6 +368,11 @@ class UnitData:
         self._cache[name] = value
         return value
 
+    def cached(self, name: str, compute: Callable[[], Any]) -> Any:
+        """A family's own shared quantity (e.g. a coreset order per training set and seed),
+        computed once under ``name``, timed and split like the built-in ones."""
+        return self._cached(name, compute)
+
     def take_used(self) -> set[str]:
         """The quantities asked for since the last call, with those they were computed from
         (whether computed now or taken from the cache)."""
@@ -382,6 +395,13 @@ class UnitData:
     @property
     def n_features(self) -> int:
         return self._raw.shape[1] if self._raw is not None else self.gram.n_features
+
+    def patches(self, rows: np.ndarray) -> np.ndarray:
+        """The raw rows of a patch feature set as ``(len(rows), h, w, c)`` (``grid``: the
+        rows are stored positions x channels, C order); ``ValueError`` for other sets."""
+        if self.grid is None:
+            raise ValueError("not a patch feature set: this family needs representation patch")
+        return self.raw[rows].reshape(len(rows), *self.grid)
 
     def queries(self, key: Hashable) -> np.ndarray:
         """Rows scored by one call. An augmentation choice: the test rows, then its training

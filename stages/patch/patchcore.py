@@ -9,11 +9,13 @@ the point farthest from the points picked so far. The result is the pick ORDER: 
 coreset of any ratio is a prefix of it, so one greedy run serves a whole ratio grid (the
 prefixes are nested, so the covering radius never grows with the ratio).
 
-Scores: a patch's score is the Euclidean distance to its nearest bank patch; an image's
-score is its largest patch score, or with ``n_neighbors > 1`` the paper's reweighting
-(eq. 7, as anomalib implements it): ``s = (1 - softmax(d)[0]) * s*``, where ``s*`` is the
-image's largest patch score, ``m*`` that patch's nearest bank patch, and ``d`` the
-distances from the patch to the ``n_neighbors`` bank patches nearest ``m*`` (``m*`` first).
+Scores: a patch's score is the Euclidean distance to its nearest bank patch (the coresets
+of a ratio grid, nested prefixes of one order, are searched in one pass:
+:func:`prefix_nearest`); an image's score is its largest patch score, or with
+``n_neighbors > 1`` the paper's reweighting (eq. 7, as anomalib implements it):
+``s = (1 - softmax(d)[0]) * s*``, where ``s*`` is the image's largest patch score, ``m*``
+that patch's nearest bank patch, and ``d`` the distances from the patch to the
+``n_neighbors`` bank patches nearest ``m*`` (``m*`` first).
 
 Precision: features are float32; distances are float64 from centred coordinates
 (``|q - s|^2 + |b - s|^2 - 2 (q - s).(b - s)``, ``s`` the bank mean), so a distance near 0
@@ -23,6 +25,8 @@ times block of bank rows; the bank is converted to float64 one block at a time. 
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -99,43 +103,85 @@ def nearest_bank(
     """The ``k`` nearest bank rows of every query: float64 distances and indices, both
     ``(n_queries, k)``, sorted by distance (ties: the lower index). See the module
     docstring for the precision; ``memory_bytes`` bounds each float64 distance block."""
+    b = np.asarray(bank)
+    return prefix_nearest(queries, b, [len(b) if b.ndim else 0], k, memory_bytes)[0]
+
+
+def prefix_nearest(
+    queries: np.ndarray,
+    bank: np.ndarray,
+    sizes: Sequence[int],
+    k: int = 1,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`nearest_bank` against several nested banks at once, the prefixes
+    ``bank[:m]`` for each ``m`` in ``sizes``: per size, the ``min(k, m)`` nearest rows'
+    float64 distances and indices ``(n_queries, min(k, m))``, sorted (ties: the lower index).
+
+    The coresets of a ratio grid are prefixes of one greedy order, so one pass over the
+    largest serves them all: each block of squared distances is computed once and every
+    prefix reduces its own columns of it (a pass over memory, against the block's
+    ``d``-long dot products). Centred on the largest prefix's mean (module docstring).
+    """
     q = np.asarray(queries)
     b = np.asarray(bank)
     if q.ndim != 2 or b.ndim != 2 or q.shape[1] != b.shape[1] or len(b) == 0:
         raise ValueError(f"queries {q.shape} and a non-empty bank {b.shape} must be (n, d)")
-    k = min(int(k), len(b))
-    if k < 1:
+    sizes = [int(m) for m in sizes]
+    if not sizes or min(sizes) < 1 or max(sizes) > len(b):
+        raise ValueError(f"prefix sizes must be in [1, {len(b)}], got {sizes}")
+    if int(k) < 1:
         raise ValueError("k must be at least 1")
+    top = max(sizes)
+    b = b[:top]
+    ks = [min(int(k), m) for m in sizes]
     shift = b.mean(axis=0, dtype=np.float64)
     cells = max(memory_bytes // 8, 1)
-    bank_block = max(min(len(b), cells // max(min(len(q), 1024), 1)), k)
+    bank_block = max(min(top, cells // max(min(len(q), 1024), 1)), max(ks))
     query_block = max(cells // bank_block, 1)
-    dist = np.empty((len(q), k))
-    index = np.empty((len(q), k), dtype=np.int64)
+    out = [(np.empty((len(q), kk)), np.empty((len(q), kk), dtype=np.int64)) for kk in ks]
     for r in range(0, len(q), query_block):
         qc = q[r : r + query_block].astype(np.float64) - shift
         q_sq = np.einsum("ij,ij->i", qc, qc)
-        best_d = np.full((len(qc), 0), np.inf)
-        best_i = np.empty((len(qc), 0), dtype=np.int64)
-        for c in range(0, len(b), bank_block):
+        none = (np.full((len(qc), 0), np.inf), np.empty((len(qc), 0), dtype=np.int64))
+        best = [none] * len(sizes)
+        for c in range(0, top, bank_block):
             # centred in float64 block by block: no float64 copy of the whole bank
             bc = b[c : c + bank_block].astype(np.float64) - shift
             b_sq = np.einsum("ij,ij->i", bc, bc)
             d2 = q_sq[:, None] + b_sq[None, :] - 2.0 * (qc @ bc.T)
             np.maximum(d2, 0.0, out=d2)
-            kk = min(k, d2.shape[1])
-            part = np.argpartition(d2, kk - 1, axis=1)[:, :kk] if kk < d2.shape[1] else None
-            if part is None:
-                part = np.broadcast_to(np.arange(d2.shape[1]), d2.shape)
-            best_d = np.concatenate([best_d, np.take_along_axis(d2, part, axis=1)], axis=1)
-            best_i = np.concatenate([best_i, part + c], axis=1)
-            # keep the k best so far, by (distance, index)
-            keep = np.lexsort((best_i, best_d), axis=1)[:, :k]
-            best_d = np.take_along_axis(best_d, keep, axis=1)
-            best_i = np.take_along_axis(best_i, keep, axis=1)
-        dist[r : r + len(qc)] = np.sqrt(best_d)
-        index[r : r + len(qc)] = best_i
-    return dist, index
+            for s, (m, kk) in enumerate(zip(sizes, ks, strict=True)):
+                if m > c:  # this prefix's columns of the block
+                    best[s] = _merge(best[s], d2[:, : m - c], c, kk)
+        for (dist, index), (best_d, best_i) in zip(out, best, strict=True):
+            dist[r : r + len(qc)] = np.sqrt(best_d)
+            index[r : r + len(qc)] = best_i
+    return out
+
+
+def _merge(
+    best: tuple[np.ndarray, np.ndarray], d2: np.ndarray, offset: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` smallest of the running best and a block of squared distances whose
+    first column is bank row ``offset``, by (distance, index)."""
+    best_d, best_i = best
+    if k == 1:  # one pass: the first minimum is the lowest index; a tie keeps the earlier
+        j = np.argmin(d2, axis=1)[:, None]
+        v = np.take_along_axis(d2, j, axis=1)
+        if best_d.shape[1] == 0:
+            return v, j + offset
+        better = v < best_d
+        return np.where(better, v, best_d), np.where(better, j + offset, best_i)
+    kk = min(k, d2.shape[1])
+    if kk < d2.shape[1]:
+        part = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
+    else:
+        part = np.broadcast_to(np.arange(d2.shape[1]), d2.shape)
+    best_d = np.concatenate([best_d, np.take_along_axis(d2, part, axis=1)], axis=1)
+    best_i = np.concatenate([best_i, part + offset], axis=1)
+    keep = np.lexsort((best_i, best_d), axis=1)[:, :k]  # the k best so far
+    return np.take_along_axis(best_d, keep, axis=1), np.take_along_axis(best_i, keep, axis=1)
 
 
 def patch_scores(

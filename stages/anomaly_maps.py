@@ -1,0 +1,159 @@
+"""Anomaly maps on disk and on images: ground-truth masks in the model's geometry, the
+per-experiment Parquet store of patch-score grids, and overlays for people.
+
+Geometry. A patch family scores a grid of patches of the model's 224 x 224 input; its map
+(:func:`stages.patch.maps.anomaly_maps`: bilinear upsampling to 224 x 224, Gaussian blur of
+sigma 4) lives in that input's pixels. The masks go through exactly the image's resize and
+crop (:func:`stages.backbones.geometry`) with nearest-neighbour resampling, so map and mask
+are pixel-aligned. With ``extract.crop: true`` (resize the shorter side, centre-crop 224)
+the evaluated pixels are those of the centre crop: a defect outside it is not evaluated
+(nor seen by the model); with ``crop: false`` the whole image is resized to 224 x 224 and
+every pixel is evaluated (non-square images are squeezed, as their images are). A mask
+pixel is a defect pixel iff it is non-zero; a good image has an all-zero mask.
+
+Store. The test images' patch-score grids of every done patch experiment are one Parquet
+file ``<maps>/<key[:2]>/<key>.parquet`` (``image_id``, ``grid`` as float16 ``h * w`` values
+in row-major order; the grid shape in the file's metadata), written atomically before the
+experiment's row reaches the database, so a done patch experiment always has its maps and
+a killed run never leaves half a file. float16 keeps 3 significant digits of a score,
+enough for a picture; the metrics are computed from the float32 grids before storing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from torchvision import transforms as T
+
+from stages.backbones import INPUT_SIZE, get_backbone, read_image
+from stages.errors import UserError
+from stages.io import atomic_path
+
+MAP_SIZE = (INPUT_SIZE, INPUT_SIZE)  # (H, W) of every anomaly map: the model's input
+GRID_META = b"grid_shape"
+META = b"geometry"
+
+
+# --- masks -------------------------------------------------------------------------------------
+def mask_geometry(backbone: str, crop: bool = True) -> T.Compose:
+    """PIL mask -> the same resize/crop as :func:`stages.backbones.geometry` gives its image,
+    with nearest-neighbour resampling (a mask stays binary)."""
+    spec = get_backbone(backbone)
+    nearest = T.InterpolationMode.NEAREST
+    if crop:
+        return T.Compose([T.Resize(spec.resize, nearest), T.CenterCrop(INPUT_SIZE)])
+    return T.Resize((INPUT_SIZE, INPUT_SIZE), nearest)
+
+
+def load_masks(
+    paths: Sequence[str | None], image_paths: Sequence[str], backbone: str, crop: bool
+) -> np.ndarray:
+    """``(n, 224, 224)`` boolean defect masks in the model's geometry; ``None`` (a good
+    image): all False. A mask whose size differs from its image (changed since the dataset
+    stage checked it) is a one-line ``UserError`` naming both files."""
+    geometry = mask_geometry(backbone, crop)
+    out = np.zeros((len(paths), *MAP_SIZE), dtype=bool)
+    for i, (path, image_path) in enumerate(zip(paths, image_paths, strict=True)):
+        if path is None:
+            continue
+        try:
+            with read_image(path) as mask, Image.open(image_path) as image:
+                if mask.size != image.size:
+                    raise UserError(
+                        f"{path}: mask is {mask.size[0]}x{mask.size[1]}, expected "
+                        f"{image.size[0]}x{image.size[1]} like its image {image_path} "
+                        "(rerun the dataset stage: dvc repro dataset)"
+                    )
+                resized = geometry(mask.convert("L"))
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read this mask ({exc}); rerun the dataset "
+                            "stage (dvc repro dataset)") from None  # fmt: skip
+        out[i] = np.asarray(resized) != 0
+    return out
+
+
+# --- the grid store ------------------------------------------------------------------------
+def grid_path(maps_dir: str | Path, key: str) -> Path:
+    """Where the grids of experiment ``key`` are stored."""
+    return Path(maps_dir) / key[:2] / f"{key}.parquet"
+
+
+def write_grids(
+    maps_dir: str | Path,
+    key: str,
+    image_ids: Sequence[str],
+    grids: np.ndarray,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Store one experiment's test-image grids ``(n, h, w)`` as float16 (atomically);
+    ``meta`` (JSON) goes into the file's metadata: the stage records the image geometry
+    there (``category``, ``backbone``, ``crop``), so a map can be drawn over its image."""
+    grids = np.asarray(grids)
+    if grids.ndim != 3 or len(grids) != len(image_ids):
+        raise ValueError(f"grids {grids.shape} do not match {len(image_ids)} images")
+    h, w = grids.shape[1:]
+    values = pa.array(np.ascontiguousarray(grids, dtype=np.float16).reshape(-1))
+    columns = {
+        "image_id": pa.array(list(image_ids), pa.string()),
+        "grid": pa.FixedSizeListArray.from_arrays(values, h * w),
+    }
+    metadata = {GRID_META: json.dumps([h, w]).encode(), META: json.dumps(meta or {}).encode()}
+    table = pa.table(columns).replace_schema_metadata(metadata)
+    path = grid_path(maps_dir, key)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return path
+
+
+def read_grids(maps_dir: str | Path, key: str) -> tuple[list[str], np.ndarray]:
+    """``(image_ids, grids (n, h, w) float32)`` of one experiment; ``UserError`` if absent."""
+    table = _grid_table(maps_dir, key)
+    h, w = json.loads((table.schema.metadata or {})[GRID_META])
+    values = table.column("grid").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    grids = values.astype(np.float32).reshape(table.num_rows, h, w)
+    return table.column("image_id").to_pylist(), grids
+
+
+def grid_meta(maps_dir: str | Path, key: str) -> dict[str, Any]:
+    """The metadata :func:`write_grids` stored with an experiment's grids."""
+    table = _grid_table(maps_dir, key)
+    return json.loads((table.schema.metadata or {}).get(META, b"{}"))
+
+
+def _grid_table(maps_dir: str | Path, key: str) -> pa.Table:
+    path = grid_path(maps_dir, key)
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no stored anomaly maps for experiment {key} (only done "
+                        "patch experiments have maps; see evaluate.maps)") from None  # fmt: skip
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"{path}: unreadable anomaly-map file ({exc}); delete it and rerun "
+                        "the evaluate stage") from None  # fmt: skip
+    return table
+
+
+# --- pictures ------------------------------------------------------------------------------
+def overlay(
+    image: np.ndarray, amap: np.ndarray, mask: np.ndarray, vmin: float, vmax: float
+) -> np.ndarray:
+    """An RGB uint8 picture: the image, the anomaly map over it (jet, half transparent,
+    scaled to ``[vmin, vmax]``) and the mask outline in white."""
+    from matplotlib import colormaps
+    from scipy import ndimage
+
+    base = np.asarray(image, dtype=np.float32) / 255.0
+    scaled = np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    heat = colormaps["jet"](scaled)[..., :3]
+    picture = 0.55 * base + 0.45 * heat
+    edge = mask & ~ndimage.binary_erosion(mask, structure=np.ones((3, 3)), border_value=0)
+    edge = ndimage.binary_dilation(edge, iterations=1)
+    picture[edge] = 1.0
+    return (picture * 255.0 + 0.5).astype(np.uint8)
