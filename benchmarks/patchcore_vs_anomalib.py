@@ -346,7 +346,8 @@ OUR_LAYERS = {
 def run_ours(backbone: str, coreset_ratio: float, num_neighbors: int, root: Path) -> dict[str, Any]:
     """The pipeline's PatchCore on the same data and geometry, end to end as a user runs it:
     the dataset, augment (none), extract and evaluate stages (``python -m stages.X``) in a
-    temporary project, ``extract.crop: false``, the joined layers as anomalib's
+    temporary project, ``extract.crop: false``, ``extract.num_workers: 2``, one evaluate
+    worker with 2 threads, the joined layers as anomalib's
     (``stage4+stage6``, ``layer2+layer3``, ``patch``), ``threshold_folds: 0`` (anomalib sets
     no honest threshold). ``fit_s`` is the extract + evaluate wall clock (extraction of every
     image, coreset, scoring, metrics and storage; the pipeline does not separate fit from
@@ -367,10 +368,13 @@ def run_ours(backbone: str, coreset_ratio: float, num_neighbors: int, root: Path
         params = {
             "data": {"root": str(root.resolve().parent), "categories": [root.name]},
             "augment": {"transforms": {root.name: []}},
-            "extract": {"crop": False, "num_workers": 0, "extractors": [
+            # decoding in 2 DataLoader processes (README: 2 for real MVTec); the one evaluate
+            # unit gets both cores (its BLAS and the coreset's row split)
+            "extract": {"crop": False, "num_workers": 2, "extractors": [
                 {"backbone": backbone, "init": init, "layers": [layer],
                  "representations": ["patch"]}]},
-            "evaluate": {"threshold_folds": 0, "engine": {"n_workers": 1}, "detectors": [
+            "evaluate": {"threshold_folds": 0, "engine": {"n_workers": 1, "threads_per_worker": 2},
+                         "detectors": [
                 {"family": "PatchCore", "grid": {"coreset_ratio": [coreset_ratio],
                                                  "n_neighbors": [num_neighbors]}}]},
         }  # fmt: skip

@@ -24,19 +24,22 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from torchvision import transforms as T
 
-from stages.backbones import INPUT_SIZE, get_backbone, read_image
 from stages.errors import UserError
 from stages.io import atomic_path
 
-MAP_SIZE = (INPUT_SIZE, INPUT_SIZE)  # (H, W) of every anomaly map: the model's input
+if TYPE_CHECKING:
+    from torchvision import transforms as T
+
+# (H, W) of every anomaly map: the model's input (``stages.backbones.INPUT_SIZE``; not
+# imported from there, so that reading and writing maps does not import torch).
+MAP_SIZE = (224, 224)
 GRID_META = b"grid_shape"
 META = b"geometry"
 
@@ -45,6 +48,10 @@ META = b"geometry"
 def mask_geometry(backbone: str, crop: bool = True) -> T.Compose:
     """PIL mask -> the same resize/crop as :func:`stages.backbones.geometry` gives its image,
     with nearest-neighbour resampling (a mask stays binary)."""
+    from torchvision import transforms as T
+
+    from stages.backbones import INPUT_SIZE, get_backbone
+
     spec = get_backbone(backbone)
     nearest = T.InterpolationMode.NEAREST
     if crop:
@@ -58,6 +65,8 @@ def load_masks(
     """``(n, 224, 224)`` boolean defect masks in the model's geometry; ``None`` (a good
     image): all False. A mask whose size differs from its image (changed since the dataset
     stage checked it) is a one-line ``UserError`` naming both files."""
+    from stages.backbones import read_image
+
     geometry = mask_geometry(backbone, crop)
     out = np.zeros((len(paths), *MAP_SIZE), dtype=bool)
     for i, (path, image_path) in enumerate(zip(paths, image_paths, strict=True)):

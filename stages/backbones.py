@@ -36,6 +36,7 @@ from torchvision import transforms as T
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from stages.errors import UserError
+from stages.features import is_patch  # noqa: F401  (re-exported: part of the representation names)
 
 NETWORK_INITS: tuple[str, ...] = ("random", "imagenet")
 INITS: tuple[str, ...] = (*NETWORK_INITS, "none")  # every init some backbone accepts
@@ -400,11 +401,6 @@ def parse_representation(representation: str) -> tuple[str, int]:
     if kind == "patch" and size.isdigit() and int(size) % 2 == 1:
         return kind, int(size)
     raise ValueError(representation)
-
-
-def is_patch(representation: str) -> bool:
-    """A representation that keeps one vector per position (``patch``, ``patch:K``)."""
-    return representation.partition(":")[0] == "patch"
 
 
 def _spatial(activation: torch.Tensor) -> torch.Tensor:

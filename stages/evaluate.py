@@ -116,7 +116,6 @@ from tqdm import tqdm
 from stages.anomaly_maps import MAP_SIZE, grid_path, load_masks, write_grids
 from stages.augment import INDEX as AUGMENT_INDEX
 from stages.augment import check_augment_index, train_originals
-from stages.backbones import is_patch
 from stages.dataset import read_index
 from stages.engine import EngineParams, check_scheduler, dask_client, deadline, run_units
 from stages.errors import UserError, run_cli, setup_logging
@@ -126,6 +125,7 @@ from stages.features import (
     check_shards,
     content_hash_of,
     feature_set_inputs,
+    is_patch,
     iter_shard_tables,
     load_feature_set,
     require_manifest,

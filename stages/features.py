@@ -40,6 +40,12 @@ CONFIG_KEYS = ("backbone", "init", "weights", "seed", "layer", "representation",
                "code_version")  # fmt: skip
 
 
+def is_patch(representation: str) -> bool:
+    """A representation that keeps one vector per position (``patch``, ``patch:K``): its
+    rows reshape to the manifest's ``feature_shape`` [h, w, c]."""
+    return representation.partition(":")[0] == "patch"
+
+
 def feature_set_inputs(
     originals: list[dict[str, Any]], augmented: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:

@@ -117,3 +117,15 @@ def test_reweighting_matches_the_formula(n_neighbors: int) -> None:
         d = np.sqrt(((b[support] - patches[i, j].astype(np.float64)) ** 2).sum(axis=1))
         weight = 1.0 - np.exp(d[0]) / np.sum(np.exp(d))
         assert got[i] == pytest.approx(weight * s_star, rel=1e-9)
+
+
+def test_greedy_order_is_the_same_on_any_number_of_threads() -> None:
+    """Rows split over threads give bitwise the same order, ties (duplicates, equal
+    farthest distances in two blocks) included: the lower index wins."""
+    rng = np.random.default_rng(7)
+    x = np.repeat(rng.normal(size=(60, 16)).astype(np.float32), 200, axis=0)  # 12,000 rows
+    x = x[rng.permutation(len(x))]
+    one = greedy_coreset_order(x, 400, seed=3, threads=1)
+    assert len(set(one.tolist())) == 400
+    for threads in (2, 3):
+        assert np.array_equal(greedy_coreset_order(x, 400, seed=3, threads=threads), one)

@@ -11,8 +11,6 @@ repeating its edge instead. Float32, as the maps are stored.
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 SIGMA = 4.0
 
@@ -36,6 +34,9 @@ def anomaly_maps(grids: np.ndarray, size: tuple[int, int], sigma: float = SIGMA)
     g = np.asarray(grids)
     if g.ndim != 3 or min(g.shape) < 1:
         raise ValueError(f"grids must be (n_images, h, w), got shape {g.shape}")
+    import torch  # here, not at the top: the evaluate stage imports torch only for maps
+    import torch.nn.functional as F
+
     height, width = (int(v) for v in size)
     if height < 1 or width < 1:
         raise ValueError(f"map size must be positive, got {size}")
