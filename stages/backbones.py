@@ -319,7 +319,7 @@ def _check_layers(backbone: str, layers: Sequence[str]) -> Backbone:
                 f"several are joined with '{LAYER_SEP}', e.g. {'+'.join(list(spec.layers)[1:3])}"
             )
         if len(set(parts)) != len(parts):
-            raise UserError(f"layer '{layer}' joins a layer with itself (expected distinct "
+            raise UserError(f"'{layer}' joins a layer with itself (expected distinct "
                             f"layers of {backbone})")  # fmt: skip
     return spec
 

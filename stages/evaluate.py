@@ -502,6 +502,18 @@ def _per_config_rows(
     return rows
 
 
+def _put_maps(into: np.ndarray | None, n_train: int, held: np.ndarray,
+              maps: np.ndarray | None) -> np.ndarray | None:  # fmt: skip
+    """A fold's held-out grids into the training set's out-of-fold grids (created, NaN, on
+    the first fold with maps); ``None`` while no fold returned maps."""
+    if maps is None:
+        return into
+    if into is None:
+        into = np.full((n_train, *np.shape(maps)[1:]), np.nan, dtype=np.float32)
+    into[held] = maps
+    return into
+
+
 def reference_oof(family: Family, outcome: Outcome, X_train: np.ndarray, folds: np.ndarray,
                   config: DetectorConfig, seed: int) -> None:  # fmt: skip
     """Out-of-fold training scores on the plain path: one more fit per fold, each scoring
@@ -515,10 +527,7 @@ def reference_oof(family: Family, outcome: Outcome, X_train: np.ndarray, folds: 
         if fold.error is not None:
             return
         oof[held] = fold.scores
-        if fold.maps is not None:
-            if oof_maps is None:
-                oof_maps = np.full((len(X_train), *np.shape(fold.maps)[1:]), np.nan, np.float32)
-            oof_maps[held] = fold.maps
+        oof_maps = _put_maps(oof_maps, len(X_train), held, fold.maps)
     outcome.oof_scores = oof
     outcome.oof_maps = oof_maps
     outcome.group_s = outcome.fit_s + outcome.score_s + time.perf_counter() - t0
@@ -626,11 +635,7 @@ def shared_oof(family: Family, data: UnitData, augmented: bool, folds: list[tupl
                 failed.add(i)
                 continue
             oof[i][held] = fold.scores
-            if fold.maps is not None:
-                if oof_maps[i] is None:
-                    shape = (len(train), *np.shape(fold.maps)[1:])
-                    oof_maps[i] = np.full(shape, np.nan, dtype=np.float32)
-                oof_maps[i][held] = fold.maps  # type: ignore[index]
+            oof_maps[i] = _put_maps(oof_maps[i], len(train), held, fold.maps)
     for i, outcome in enumerate(outcomes):
         outcome.oof_scores = oof[i] if folds and i not in failed else None
         outcome.oof_maps = oof_maps[i] if folds and i not in failed else None

@@ -95,7 +95,6 @@ from stages.backbones import (
     geometry_key,
     get_backbone,
     init_error,
-    layer_parts,
     normalisation,
     parse_representation,
     read_image,
@@ -181,19 +180,6 @@ def _check_extractors(params: ExtractParams) -> None:
         message = init_error(extractor.backbone, extractor.init)
         if message:
             raise UserError(f"{key}.init: {message}")
-        valid_layers = get_backbone(extractor.backbone).layers
-        for layer in extractor.layers:
-            parts = layer_parts(layer)
-            for part in parts:
-                if part not in valid_layers:
-                    raise UserError(
-                        f"{key}.layers: unknown layer '{part}' for {extractor.backbone} "
-                        f"(valid: {', '.join(valid_layers)}); several are joined with '+', "
-                        f"e.g. {'+'.join(list(valid_layers)[1:3])}"
-                    )
-            if len(set(parts)) != len(parts):
-                raise UserError(f"{key}.layers: '{layer}' joins a layer with itself "
-                                "(expected distinct layers)")  # fmt: skip
         for representation in extractor.representations:
             try:
                 parse_representation(representation)
@@ -203,7 +189,7 @@ def _check_extractors(params: ExtractParams) -> None:
                     f"(valid: {', '.join(REPRESENTATIONS)}; grid:K with K >= 1, patch:K "
                     "with an odd K, e.g. grid:2, patch:3)"
                 ) from None
-        try:
+        try:  # also checks every part of every (joined) layer: backbones._check_layers
             shapes = activation_shapes(extractor.backbone, extractor.layers)
         except UserError as exc:
             raise UserError(f"{key}.layers: {exc}") from None

@@ -220,7 +220,7 @@ class ExperimentMaps:
 def experiment_maps(exp: dict[str, Any], maps_dir: str | Path) -> ExperimentMaps:
     """The stored maps of experiment ``exp``; one-line ``UserError`` when it has none."""
     from stages.anomaly_maps import MAP_SIZE, grid_meta, grid_path, read_grids
-    from stages.backbones import is_patch
+    from stages.features import is_patch
     from stages.patch.maps import anomaly_maps
 
     short = exp["key"][:12]
