@@ -2,7 +2,7 @@
 
 ``python benchmarks/extract_throughput.py [--images 32] [--repeat 1]`` on MVTec AD's bottle
 images (../shared/data/mvtec_ad/bottle; skipped when absent). For each backbone it runs the
-whole stage work unit (``extract_unit``: model build, decode in DataLoader workers, forward,
+whole stage work unit (``extract_unit``: model build, decode on its threads, forward,
 flatten all 4 layers, Parquet shards written and fsynced, manifests) and the bare model
 forward on tensors decoded and preprocessed beforehand (same model, batch size and batches;
 warmed up with one full batch) in two ways: one forward pass at a time using every core
@@ -90,7 +90,7 @@ def bottle_index(root: Path, n_images: int) -> Path:
 
 
 def decoded(backbone: str, paths: list[str]) -> torch.Tensor:
-    """The images as the stage's DataLoader workers hand them to the model."""
+    """The images as the stage's decoding threads hand them to the model."""
     transform = preprocessing(backbone)
     return torch.stack([transform(Image.open(p)) for p in paths])
 
@@ -126,7 +126,7 @@ def busy_cpu_seconds() -> float | None:
 
 
 def own_cpu_seconds() -> float:
-    """CPU seconds of this process and its finished children (the DataLoader workers)."""
+    """CPU seconds of this process (the decoding threads included) and its finished children."""
     own, children = os.times()[:2], os.times()[2:4]
     return sum(own) + sum(children)
 

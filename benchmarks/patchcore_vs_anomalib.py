@@ -368,7 +368,7 @@ def run_ours(backbone: str, coreset_ratio: float, num_neighbors: int, root: Path
         params = {
             "data": {"root": str(root.resolve().parent), "categories": [root.name]},
             "augment": {"transforms": {root.name: []}},
-            # decoding in 2 DataLoader processes (README: 2 for real MVTec); the one evaluate
+            # decoding on 2 threads (the default); the one evaluate
             # unit gets both cores (its BLAS and the coreset's row split)
             "extract": {"crop": False, "num_workers": 2, "extractors": [
                 {"backbone": backbone, "init": init, "layers": [layer],

@@ -25,8 +25,8 @@ Params (section ``extract``):
   lists every configured feature set for the evaluation stage.
 - ``seed`` (0): seed of the random initialisation (same seed, bitwise-identical weights).
 - ``batch_size`` (16): images per forward pass.
-- ``num_workers`` (2): DataLoader worker processes that decode and resize images
-  (0 = in the main process).
+- ``num_workers`` (2): threads that decode and resize images while the model runs
+  (0 = decode each batch when it is needed, on the stage's thread).
 - ``forward_streams`` (2) and ``torch_threads`` (1): batches forwarded at once, each on
   its own thread with ``torch_threads`` intra-op threads; use streams x threads = the
   cores a unit may use. Several single-threaded streams keep the cores busy while images
@@ -66,11 +66,10 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,7 +79,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from pydantic import Field, model_validator
-from torch.utils.data import DataLoader, Dataset
 
 from stages import CODE_VERSION
 from stages.augment import INDEX as AUGMENT_INDEX
@@ -361,8 +359,8 @@ def decoded_path(out: str | Path, key: str, sha256: str) -> Path:
     return Path(out) / DECODED_DIR / key / sha256[:2] / f"{sha256}.npy"
 
 
-class _Images(Dataset):
-    """Decode and preprocess images in DataLoader workers; yields (row, tensor).
+class _Images:
+    """Decode and preprocess one image by row: a normalised float32 3x224x224 tensor.
 
     With ``cache`` (the ``_decoded`` folder of one geometry), the uint8 output of the
     resize/crop is read from there when present and written there (temp, then rename)
@@ -380,9 +378,6 @@ class _Images(Dataset):
         self.paths, self.hashes = list(paths), list(hashes)
         self.geometry, self.normalise = geometry(backbone, crop), normalisation(backbone)
         self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def _decode(self, row: int) -> torch.Tensor:
         with read_image(self.paths[row]) as image:
@@ -409,9 +404,48 @@ class _Images(Dataset):
             tmp.unlink(missing_ok=True)
         return pixels
 
-    def __getitem__(self, row: int) -> tuple[int, torch.Tensor]:
-        pixels = self._cached(row) if self.cache is not None else self._decode(row)
-        return row, self.normalise(pixels)
+    def __call__(self, row: int) -> torch.Tensor:
+        return self.normalise(self._cached(row) if self.cache is not None else self._decode(row))
+
+
+class _Decoding:
+    """Each batch's rows and stacked images, in order (iterate once, then ``close``).
+
+    With ``threads``, the images are decoded on that many threads, in order, from the
+    moment this is made and up to ``ahead`` batches before the one being consumed.
+    Threads, not processes: libspng, Pillow's resize and torch release the GIL for the heavy
+    part (2 threads decode 1.4x as fast as one), and a thread costs nothing to start,
+    whereas a process started in a Dask worker is spawned and imports torch and torchvision
+    again (about 5 s of a core each, more than decoding a category of MVTec AD takes).
+    Without threads, each batch is decoded when it is asked for.
+    """
+
+    def __init__(self, images: _Images, batches: list[list[int]], threads: int, ahead: int) -> None:
+        self.images, self.todo = images, iter(batches)
+        self.pool = ThreadPoolExecutor(threads, "extract-decode") if threads else None
+        self.pending: deque[tuple[list[int], list[Future[torch.Tensor]]]] = deque()
+        for _ in range(ahead + 1 if self.pool else 0):
+            self._submit()
+
+    def _submit(self) -> None:
+        batch = next(self.todo, None)
+        if batch is not None and self.pool is not None:
+            self.pending.append((batch, [self.pool.submit(self.images, i) for i in batch]))
+
+    def __iter__(self) -> Iterator[tuple[list[int], torch.Tensor]]:
+        if self.pool is None:
+            for batch in self.todo:
+                yield batch, torch.stack([self.images(i) for i in batch])
+            return
+        while self.pending:
+            batch, decoded = self.pending.popleft()
+            self._submit()
+            yield batch, torch.stack([future.result() for future in decoded])
+
+    def close(self) -> None:
+        """Stop decoding: queued images are dropped, running ones finish."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _batches(chunks: list[range], batch_size: int) -> list[list[int]]:
@@ -625,7 +659,7 @@ def _compute(
 ) -> None:
     """Forward the images of ``chunks``; write each chunk's missing shards as it completes.
 
-    The DataLoader workers start decoding before the model is built. ``forward_streams``
+    ``num_workers`` threads decode ahead of the forward passes. ``forward_streams``
     batches are forwarded at once on as many threads (each with ``torch_threads`` intra-op
     threads; the numbers do not change a bit of the features), so decoding and writing on
     a core delay one stream instead of stalling every thread of a single forward pass at
@@ -633,33 +667,25 @@ def _compute(
     batch order.
     """
     torch.set_num_threads(unit.torch_threads)
-    num_workers = unit.num_workers
-    if num_workers and multiprocessing.current_process().daemon:
-        # A daemonic Dask worker may not start processes (remote workers: start them
-        # with DASK_DISTRIBUTED__WORKER__DAEMON=False to decode in parallel).
-        log.info("%s: daemonic worker process, decoding images in the main process", name)
-        num_workers = 0
     cache = None
     if unit.decoded_cache:
         cache = Path(unit.out) / DECODED_DIR / geometry_key(unit.backbone, unit.crop)
-    loader = DataLoader(
-        _Images(rows["path"], rows["sha256"], unit.backbone, unit.crop, cache),
-        batch_sampler=_batches(chunks, unit.batch_size),
-        num_workers=num_workers,
-        prefetch_factor=max(2, unit.forward_streams) if num_workers else None,
-    )
+    images = _Images(rows["path"], rows["sha256"], unit.backbone, unit.crop, cache)
+    # Built before decoding starts: torch.fx tracing patches ``nn.Module.__call__`` for
+    # every thread, the transforms' modules included.
+    model = build_extractor(unit.backbone, unit.init, list(unit.layers), seed=unit.seed)
+    ahead = max(2, unit.forward_streams)
+    decoding = _Decoding(images, _batches(chunks, unit.batch_size), unit.num_workers, ahead)
     # Which feature sets each shard still needs, fixed before any shard is written.
     shard_of = {k: chunk.start // unit.shard_rows for k, chunk in enumerate(chunks)}
     todo = {k: [j for j, fs in enumerate(sets) if not fs.done[s]] for k, s in shard_of.items()}
     chunk_of = {i: k for k, chunk in enumerate(chunks) for i in chunk}
     remaining = {k: len(chunk) for k, chunk in enumerate(chunks)}
     total = sum(remaining.values())
-    batches = iter(loader)  # starts the workers: they decode while the model is built
     sink = _ShardSink(unit, sets)
     streams = ThreadPoolExecutor(unit.forward_streams, thread_name_prefix="extract-forward")
     in_flight: deque[tuple[list[int], Future[list[tuple[int, np.ndarray]]]]] = deque()
     try:
-        model = build_extractor(unit.backbone, unit.init, list(unit.layers), seed=unit.seed)
 
         def forward(images: torch.Tensor, k: int) -> list[tuple[int, np.ndarray]]:
             with torch.inference_mode():  # thread-local: entered on the stream's thread
@@ -679,9 +705,8 @@ def _compute(
             bar.update(len(indices))
 
         with progress(total=total, desc=name, unit="img") as bar:
-            for indices, images in batches:
-                indices = indices.tolist()
-                in_flight.append((indices, streams.submit(forward, images, chunk_of[indices[0]])))
+            for indices, batch in decoding:
+                in_flight.append((indices, streams.submit(forward, batch, chunk_of[indices[0]])))
                 if len(in_flight) >= unit.forward_streams:
                     write_oldest()
             while in_flight:
@@ -692,7 +717,7 @@ def _compute(
             future.cancel()
         streams.shutdown(wait=True)
         sink.abort()
-        del batches  # shuts the DataLoader workers down
+        decoding.close()
 
 
 def _shapes(unit: WorkUnit, fs: _FeatureSet, dim: int) -> dict[str, list[int]]:
@@ -827,8 +852,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not __main__'s: work units sent to Dask workers (and
-    # on to DataLoader processes) must pickle by reference to ``stages.extract``.
+    # Run the imported module's main, not __main__'s: work units sent to Dask workers must
+    # pickle by reference to ``stages.extract``.
     from stages import extract as stage
 
     run_cli(stage.main)

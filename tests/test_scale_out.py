@@ -46,6 +46,7 @@ def dask_cluster(folder: Path) -> Iterator[tuple[str, list[subprocess.Popen]]]:
         "PYTHONPATH": str(REPO),  # workers import stages.* (shared code, shared filesystem)
         "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0",
         "DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0",
+        "DASK_CONFIG": str(REPO / ".dask"),  # as README's worker command
         **thread_env(1),
     }
     common = ["--scheduler-file", str(scheduler_file), "--no-dashboard"]
