@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,42 +32,24 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from stages.errors import UserError
+from stages.images import INPUT_SIZE, read_image, resize_crop
 from stages.io import atomic_path
 
-if TYPE_CHECKING:
-    from torchvision import transforms as T
-
-# (H, W) of every anomaly map: the model's input (``stages.backbones.INPUT_SIZE``; not
-# imported from there, so that reading and writing maps does not import torch).
-MAP_SIZE = (224, 224)
+# (H, W) of every anomaly map: the model's input.
+MAP_SIZE = (INPUT_SIZE, INPUT_SIZE)
+# Masks are resized with nearest-neighbour resampling, so a mask stays binary.
+NEAREST = Image.Resampling.NEAREST
 GRID_META = b"grid_shape"
 META = b"geometry"
 
 
 # --- masks -------------------------------------------------------------------------------------
-def mask_geometry(backbone: str, crop: bool = True) -> T.Compose:
-    """PIL mask -> the same resize/crop as :func:`stages.backbones.geometry` gives its image,
-    with nearest-neighbour resampling (a mask stays binary)."""
-    from torchvision import transforms as T
-
-    from stages.backbones import INPUT_SIZE, get_backbone
-
-    spec = get_backbone(backbone)
-    nearest = T.InterpolationMode.NEAREST
-    if crop:
-        return T.Compose([T.Resize(spec.resize, nearest), T.CenterCrop(INPUT_SIZE)])
-    return T.Resize((INPUT_SIZE, INPUT_SIZE), nearest)
-
-
 def load_masks(
     paths: Sequence[str | None], image_paths: Sequence[str], backbone: str, crop: bool
 ) -> np.ndarray:
     """``(n, 224, 224)`` boolean defect masks in the model's geometry; ``None`` (a good
     image): all False. A mask whose size differs from its image (changed since the dataset
     stage checked it) is a one-line ``UserError`` naming both files."""
-    from stages.backbones import read_image
-
-    geometry = mask_geometry(backbone, crop)
     out = np.zeros((len(paths), *MAP_SIZE), dtype=bool)
     for i, (path, image_path) in enumerate(zip(paths, image_paths, strict=True)):
         if path is None:
@@ -80,7 +62,7 @@ def load_masks(
                         f"{image.size[0]}x{image.size[1]} like its image {image_path} "
                         "(rerun the dataset stage: dvc repro dataset)"
                     )
-                resized = geometry(mask.convert("L"))
+                resized = resize_crop(mask.convert("L"), backbone, crop, NEAREST)
         except OSError as exc:
             raise UserError(f"{path}: cannot read this mask ({exc}); rerun the dataset "
                             "stage (dvc repro dataset)") from None  # fmt: skip

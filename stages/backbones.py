@@ -26,10 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyspng
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torchvision import models
 from torchvision import transforms as T
@@ -37,10 +35,10 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from stages.errors import UserError
 from stages.features import is_patch  # noqa: F401  (re-exported: part of the representation names)
+from stages.images import INPUT_SIZE, PNG_SIGNATURE, read_image  # noqa: F401  (re-exported)
 
 NETWORK_INITS: tuple[str, ...] = ("random", "imagenet")
 INITS: tuple[str, ...] = (*NETWORK_INITS, "none")  # every init some backbone accepts
-INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained in TensorFlow with inputs scaled to about [-1, 1]
@@ -218,37 +216,6 @@ def get_backbone(name: str) -> Backbone:
         return BACKBONES[name]
     except KeyError:
         raise UserError(f"unknown backbone '{name}' (valid: {', '.join(BACKBONES)})") from None
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def read_image(path: str | Path) -> Image.Image:
-    """Decode an image file into a loaded PIL image, as ``Image.open`` would.
-
-    Non-interlaced 8-bit grayscale or RGB PNGs (all of MVTec AD's) are decoded by libspng
-    (pyspng): about 1.6x faster than Pillow on MVTec's 900x900 PNGs, whose rows are mostly
-    Paeth-filtered. PNG is lossless, so the pixels are identical. Any other file (palette,
-    alpha, 16-bit, interlaced, JPEG, ...) and any PNG libspng rejects goes to Pillow.
-    """
-    with open(path, "rb") as fh:
-        data = fh.read()
-    # IHDR, the first chunk: bit depth at byte 24, colour type at 25, interlace at 28.
-    if (
-        data[:8] == PNG_SIGNATURE
-        and data[12:16] == b"IHDR"
-        and len(data) > 28
-        and data[24] == 8
-        and data[25] in (0, 2)  # grayscale, RGB
-        and data[28] == 0
-    ):
-        try:
-            return Image.fromarray(pyspng.load(data))
-        except Exception:  # Pillow decodes it, or says what is wrong
-            pass
-    image = Image.open(path)
-    image.load()
-    return image
 
 
 def geometry(backbone: str, crop: bool = True) -> T.Compose:

@@ -279,8 +279,10 @@ def picture(
     """``(image HxWx3 uint8, mask HxW bool)`` of one test image in the model's geometry.
 
     Paths in the index are relative to the project folder (the working directory)."""
+    from PIL import Image
+
     from stages.anomaly_maps import load_masks
-    from stages.backbones import geometry, read_image
+    from stages.images import read_image, resize_crop
 
     row = rows.get(image_id)
     if row is None:
@@ -288,14 +290,16 @@ def picture(
                         "image index (rerun the dataset stage: dvc repro dataset)")  # fmt: skip
     path = Path(row["path"])
     try:
-        with read_image(path) as image:
-            tensor = geometry(maps.backbone, maps.crop)(image)
+        with read_image(path) as image, image.convert("RGB") as rgb:
+            pixels = np.asarray(
+                resize_crop(rgb, maps.backbone, maps.crop, Image.Resampling.BILINEAR)
+            )
     except OSError as exc:
         raise UserError(f"{path}: cannot read this image ({exc.strerror or exc}; listed in "
                         f"{index}); run from the project folder, or rerun the dataset "
                         "stage") from None  # fmt: skip
     mask = load_masks([row["mask_path"]], [str(path)], maps.backbone, maps.crop)[0]
-    return tensor.permute(1, 2, 0).numpy(), mask
+    return pixels, mask
 
 
 def image_labels(engine: Engine, key: str) -> dict[str, tuple[str, bool, float | None]]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from stages.patch.maps import anomaly_maps, gaussian_kernel_size
+from stages.patch.maps import anomaly_maps, gaussian_kernel, gaussian_kernel_size
 
 
 def test_kernel_size_as_anomalib() -> None:
@@ -57,3 +57,31 @@ def test_map_equals_anomalib_blur() -> None:
     with torch.no_grad():
         want = blur(up)[:, 0].numpy()
     np.testing.assert_allclose(anomaly_maps(grids, (224, 224)), want, rtol=1e-5, atol=1e-5)
+
+
+def _torch_maps(grids: np.ndarray, size: tuple[int, int], sigma: float) -> np.ndarray:
+    """The maps as torch computes them (the stage's first implementation): float32 bilinear
+    resize, padding, then the separable float32 convolution."""
+    x = F.interpolate(torch.from_numpy(grids)[:, None], size=size, mode="bilinear")
+    if sigma > 0:
+        k = torch.tensor(gaussian_kernel(sigma), dtype=torch.float32)
+        r = len(k) // 2
+        x = F.pad(x, (r, r, r, r), mode="reflect" if min(size) > r else "replicate")
+        x = F.conv2d(F.conv2d(x, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
+    return x[:, 0].numpy()
+
+
+@pytest.mark.parametrize(
+    ("grid", "size", "sigma"),
+    [((28, 28), (224, 224), 4.0), ((14, 10), (96, 160), 4.0), ((4, 4), (10, 12), 4.0),
+     ((7, 9), (40, 20), 2.0), ((5, 3), (224, 224), 0.0), ((1, 1), (17, 33), 4.0)],
+)  # fmt: skip
+def test_maps_equal_torchs_resize_then_blur(grid, size, sigma) -> None:
+    """The matrix form against torch's float32 ops: each output sums at most 2 resize and
+    2 x 33 kernel products per axis, so float32 rounding stays below ~70 * 2**-24 (4e-6)
+    of the largest value; 1e-5 of it bounds both."""
+    grids = np.random.default_rng(2).gamma(2.0, size=(3, *grid)).astype(np.float32)
+    want = _torch_maps(grids, size, sigma)
+    got = anomaly_maps(grids, size, sigma)
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
