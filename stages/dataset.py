@@ -55,6 +55,7 @@ import struct
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from stages.errors import UserError, run_cli, setup_logging
+from stages.images import PNG_SIGNATURE
 from stages.io import (
     atomic_path,
     remove_stale_temps,
@@ -96,7 +98,6 @@ HIDDEN_NAMES = frozenset(
 )
 # Other image formats: ``000.jpg`` beside ``000.png`` is an ambiguous image, not a side file.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -460,6 +461,41 @@ def _scan_category(
     return entries
 
 
+def _check_entry(
+    category: str,
+    split: str,
+    defect: str,
+    path: Path,
+    mask_path: Path | None,
+    max_pixels: int,
+) -> ImageRecord:
+    """Decode one image (and its mask) completely and describe it; ``UserError`` if bad."""
+    img = open_image(path, IMAGE_MODES, "image", max_pixels)
+    coverage = None
+    if mask_path is not None:
+        mask = open_image(mask_path, MASK_MODES, "mask", max_pixels)
+        if mask.size != img.size:
+            raise UserError(
+                f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]}, expected "
+                f"{img.size[0]}x{img.size[1]} like its image {path}"
+            )
+        coverage = mask_coverage(mask, mask_path)
+    return ImageRecord(
+        category=category,
+        image_id=f"{split}/{defect}/{path.stem}",
+        split=split,
+        defect_type=defect,
+        is_anomaly=defect != "good",
+        path=str(path),
+        mask_path=None if mask_path is None else str(mask_path),
+        width=img.size[0],
+        height=img.size[1],
+        mode=img.mode,
+        sha256=sha256_file(path),
+        mask_coverage=coverage,
+    )
+
+
 def scan(
     root: str | Path,
     categories: Sequence[str],
@@ -481,36 +517,22 @@ def scan(
         except OSError as exc:  # e.g. a folder that can be listed but not entered
             where = exc.filename or root / category
             raise UserError(f"{where}: cannot read ({_reason(exc)})") from None
-    records = []
-    for category, split, defect, path, mask_path in progress(
-        entries, desc="dataset: check images", unit="img", disable=not show_progress
-    ):
-        img = open_image(path, IMAGE_MODES, "image", max_pixels)
-        coverage = None
-        if mask_path is not None:
-            mask = open_image(mask_path, MASK_MODES, "mask", max_pixels)
-            if mask.size != img.size:
-                raise UserError(
-                    f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]}, expected "
-                    f"{img.size[0]}x{img.size[1]} like its image {path}"
-                )
-            coverage = mask_coverage(mask, mask_path)
-        records.append(
-            ImageRecord(
-                category=category,
-                image_id=f"{split}/{defect}/{path.stem}",
-                split=split,
-                defect_type=defect,
-                is_anomaly=defect != "good",
-                path=str(path),
-                mask_path=None if mask_path is None else str(mask_path),
-                width=img.size[0],
-                height=img.size[1],
-                mode=img.mode,
-                sha256=sha256_file(path),
-                mask_coverage=coverage,
+    # Two threads: Pillow's decoder and hashing release the GIL. In order, so the
+    # first bad file in scan order is the one reported; the rest are then dropped.
+    pool = ThreadPoolExecutor(2, thread_name_prefix="dataset-check")
+    try:
+        checked = pool.map(lambda entry: _check_entry(*entry, max_pixels), entries)
+        records = list(
+            progress(
+                checked,
+                total=len(entries),
+                desc="dataset: check images",
+                unit="img",
+                disable=not show_progress,
             )
         )
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return Scan(records, notes)
 
 
