@@ -201,15 +201,26 @@ def _break_features(root: Path, case: str) -> str:
     return "n_rows"
 
 
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pipeline's project after one extract run (every path in it relative), which each
+    damage case copies instead of extracting again."""
+    root = tmp_path_factory.mktemp("extracted")
+    pipeline(root)
+    ok(run_stage("extract", root))
+    return root
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     ["truncated shard", "deleted manifest", "deleted shard", "shard of another feature set",
      "manifest not JSON", "manifest rows edited"],
 )  # fmt: skip
-def test_damaged_feature_set_stops_evaluate_then_extract_repairs_it(tmp_path: Path, case: str):
-    pipeline(tmp_path)
-    ok(run_stage("extract", tmp_path))
+def test_damaged_feature_set_stops_evaluate_then_extract_repairs_it(
+    extracted: Path, tmp_path: Path, case: str
+):
+    shutil.copytree(extracted, tmp_path, symlinks=True, dirs_exist_ok=True)
     expect = _break_features(tmp_path, case)
     line = error_line(run_stage("evaluate", tmp_path))
     assert expect in line and "rerun the extract stage" in line, line
