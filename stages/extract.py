@@ -674,8 +674,6 @@ def _compute(
     # Built before decoding starts: torch.fx tracing patches ``nn.Module.__call__`` for
     # every thread, the transforms' modules included.
     model = build_extractor(unit.backbone, unit.init, list(unit.layers), seed=unit.seed)
-    ahead = max(2, unit.forward_streams)
-    decoding = _Decoding(images, _batches(chunks, unit.batch_size), unit.num_workers, ahead)
     # Which feature sets each shard still needs, fixed before any shard is written.
     shard_of = {k: chunk.start // unit.shard_rows for k, chunk in enumerate(chunks)}
     todo = {k: [j for j, fs in enumerate(sets) if not fs.done[s]] for k, s in shard_of.items()}
@@ -685,6 +683,8 @@ def _compute(
     sink = _ShardSink(unit, sets)
     streams = ThreadPoolExecutor(unit.forward_streams, thread_name_prefix="extract-forward")
     in_flight: deque[tuple[list[int], Future[list[tuple[int, np.ndarray]]]]] = deque()
+    ahead = max(2, unit.forward_streams)
+    decoding = _Decoding(images, _batches(chunks, unit.batch_size), unit.num_workers, ahead)
     try:
 
         def forward(images: torch.Tensor, k: int) -> list[tuple[int, np.ndarray]]:

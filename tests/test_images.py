@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from torchvision import models
 from torchvision import transforms as T
 
 from stages.backbones import BACKBONES, geometry
@@ -23,6 +24,11 @@ def _picture(width: int, height: int, mode: str) -> Image.Image:
 
 def test_the_resize_table_is_the_registrys() -> None:
     assert {name: spec.resize for name, spec in BACKBONES.items()} == RESIZE
+    for name, spec in BACKBONES.items():  # torchvision's weights: their own transforms()
+        if spec.weights.count(".") == 1 and "_Weights." in spec.weights:
+            enum, member = spec.weights.split(".")
+            preset = getattr(getattr(models, enum), member).transforms()
+            assert RESIZE[name] == preset.resize_size[0], name
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])

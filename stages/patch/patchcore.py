@@ -118,11 +118,8 @@ def greedy_coreset_order(
                 break
             found = list(pool.map(farthest, blocks, [idx] * k)) if k > 1 else [
                 farthest(blocks[0], idx)]  # fmt: skip
-            best = found[0]
-            for candidate in found[1:]:  # blocks in row order: a tie keeps the lower index
-                if candidate[0] > best[0]:
-                    best = candidate
-            idx = best[1]
+            # blocks in row order, max keeps the first of equals: ties to the lower index
+            idx = max(found, key=lambda candidate: candidate[0])[1]
     return order
 
 
