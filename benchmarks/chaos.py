@@ -24,6 +24,10 @@ Finally it checks against the reference: the same experiment keys, statuses and 
 process, ``dvc status`` up to date. Exit status 1 if any check fails.
 
     .venv/bin/python benchmarks/chaos.py --kills 20 --seed 0 [--workdir DIR] [--params FILE]
+        [--anomalib]
+
+``--anomalib`` adds an anomalib EfficientAd unit to the small params set: a kill in its
+training resumes from the last checkpoint (its restart says from which step).
 """
 
 from __future__ import annotations
@@ -53,11 +57,20 @@ BIN = Path(sys.executable).parent
 STAGES = ("synth", "dataset", "augment", "extract", "evaluate", "report")
 RUNNING = re.compile(r"Running stage '(\w+)'")
 DB = "results/results.sqlite"
-SKIPPED = re.compile(r"already done|up to date, skipped|: skip |removed \d+ (unfinished )?temp")
+SKIPPED = re.compile(
+    r"already done|up to date, skipped|: skip |removed \d+ (unfinished )?temp"
+    r"|resuming training from step|already distilled|already trained"
+)
 
 
-def chaos_params(categories: tuple[str, ...] = ("weave", "chip")) -> dict[str, Any]:
-    """params.yaml shrunk so a full run takes about a minute, with several shards per unit."""
+def chaos_params(
+    categories: tuple[str, ...] = ("weave", "chip"), anomalib: bool = False
+) -> dict[str, Any]:
+    """params.yaml shrunk so a full run takes about a minute, with several shards per unit.
+
+    ``anomalib``: also an anomalib unit, EfficientAd on the images (a teacher distilled in
+    a few steps, a few training steps with a checkpoint every step): several minutes more,
+    and a kill in the evaluate stage can land in the middle of its training."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     cats = list(categories)
     params["synth"].update(image_size=48, n_train=6, n_test_good=3, n_test_per_defect=2)
@@ -89,6 +102,18 @@ def chaos_params(categories: tuple[str, ...] = ("weave", "chip")) -> dict[str, A
         {"family": "PatchCore", "grid": {"coreset_ratio": [0.1, 1.0]}},
     ]
     params["evaluate"]["engine"]["n_workers"] = 1
+    if anomalib:
+        params["extract"]["extractors"].append(
+            {
+                "backbone": "pixels",
+                "init": "none",
+                "layers": ["rgb64"],
+                "representations": ["image"],
+            }
+        )
+        params["evaluate"]["detectors"].append({"family": "Anomalib", "fixed": {
+            "model": "EfficientAd", "image_size": 256, "max_steps": 6, "checkpoint_every": 1,
+            "calibration_images": 2, "teacher_steps": 4, "teacher_image_size": 64}})  # fmt: skip
     return params
 
 
@@ -341,8 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     parser.add_argument("--workdir", type=Path, help="where the two projects go (default: tmp)")
     parser.add_argument("--params", type=Path, help="params.yaml to run (default: a small set)")
+    parser.add_argument("--anomalib", action="store_true",
+                        help="add an anomalib unit (EfficientAd) to the small set")  # fmt: skip
     args = parser.parse_args(argv)
-    params = yaml.safe_load(args.params.read_text()) if args.params else chaos_params()
+    params = (yaml.safe_load(args.params.read_text()) if args.params
+              else chaos_params(anomalib=args.anomalib))  # fmt: skip
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)

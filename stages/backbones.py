@@ -344,16 +344,17 @@ def _activation_shapes(
     return tuple(shapes)
 
 
-REPRESENTATIONS = ("flatten", "avg", "grid:K", "patch", "patch:K")
+REPRESENTATIONS = ("flatten", "avg", "grid:K", "patch", "patch:K", "image")
 PATCH_KERNEL = (
     3  # PatchCore's local neighbourhood (its ``patchsize``; anomalib's AvgPool2d(3, 1, 1))
 )
 
 
 def parse_representation(representation: str) -> tuple[str, int]:
-    """``flatten`` / ``avg`` / ``grid:K`` / ``patch`` / ``patch:K`` -> (kind, K); raises
-    ValueError when malformed (``patch:K`` needs an odd K, so each patch stays centred)."""
-    if representation in ("flatten", "avg"):
+    """``flatten`` / ``avg`` / ``grid:K`` / ``patch`` / ``patch:K`` / ``image`` -> (kind, K);
+    raises ValueError when malformed (``patch:K`` needs an odd K, so each patch stays
+    centred)."""
+    if representation in ("flatten", "avg", "image"):
         return representation, 0
     if representation == "patch":
         return "patch", PATCH_KERNEL
@@ -430,7 +431,7 @@ def represent(activation: torch.Tensor, representation: str) -> torch.Tensor:
     reshapes to the patch grid.
     """
     kind, size = parse_representation(representation)
-    if kind == "flatten":
+    if kind in ("flatten", "image"):
         return activation.reshape(len(activation), -1)
     if kind == "patch":
         joined = _join([activation], size)
@@ -449,12 +450,19 @@ def represented_shape(activation_shape: Sequence[int], representation: str) -> l
 
     ``flatten``: the activation shape itself ((C, H, W), or (tokens, dim) for ViT); ``avg``:
     (C,) or (dim,); ``grid:K``: (C, K, K), for ViT (dim, K, K) (patch tokens only);
-    ``patch:K``: (H, W, C), for ViT (side, side, dim). ``ValueError`` for a patch or grid
-    representation of an activation without a spatial grid.
+    ``patch:K``: (H, W, C), for ViT (side, side, dim); ``image``: (3, H, W), an RGB image
+    (the pixels backbone's ``rgbS`` layers: what the image-input families such as anomalib's
+    models train on). ``ValueError`` for a patch or grid representation of an activation
+    without a spatial grid, or ``image`` of anything but a 3 x H x W activation.
     """
     kind, size = parse_representation(representation)
     shape = [int(n) for n in activation_shape]
     if kind == "flatten":
+        return shape
+    if kind == "image":
+        if len(shape) != 3 or shape[0] != 3:
+            raise ValueError(f"activation of shape {shape} is no RGB image (expected 3 x H x W: "
+                             "the pixels backbone's rgbS layers)")  # fmt: skip
         return shape
     if kind == "avg":
         return [shape[-1] if len(shape) == 2 else shape[0]]

@@ -97,6 +97,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 import warnings
@@ -125,6 +126,8 @@ from stages.features import (
     check_shards,
     content_hash_of,
     feature_set_inputs,
+    has_maps,
+    is_image,
     is_patch,
     iter_shard_tables,
     load_feature_set,
@@ -142,6 +145,7 @@ from stages.methods import (
     error_text,
     expand_detectors,
 )
+from stages.methods.base import Setting, run_setting, training_dir
 from stages.methods.unit import fold_assignment, image_groups
 from stages.metrics import THRESHOLD_FIELDS, honest_threshold, ranking_metrics, threshold_metrics
 from stages.params import (
@@ -250,6 +254,7 @@ class Unit:
     threshold_folds: int = 5
     index: str = ""  # the image index (absolute): where a patch unit finds its test masks
     workdir: str = "."  # relative paths in the index are relative to this
+    scratch: str = ""  # evaluate.scratch (absolute): training checkpoints under training/
 
     def label(self) -> str:
         f = self.features
@@ -298,11 +303,12 @@ def plan(
 
     A deterministic family (no ``random_state``) runs once, under the first seed: more
     seeds would only repeat identical scores. Patch families (``Family.patch``) run on the
-    patch feature sets (representation ``patch``) only, the image-level ones on the others.
+    patch feature sets (representation ``patch``) only, image families (``Family.images``)
+    on the image feature sets (``image``) only, the image-level ones on the others.
     """
     units = []
     for fs in feature_sets:
-        patch = is_patch(fs.representation)
+        patch, image = is_patch(fs.representation), is_image(fs.representation)
         experiments = [
             Planned(experiment_key(fs, aug, det, seed), aug, det, seed)
             for aug in augmentation_choices(transforms.get(fs.category, []), augmentation)
@@ -310,6 +316,7 @@ def plan(
             for det in detectors
             if (seed == seeds[0] or FAMILIES[det.family].seeded)
             and FAMILIES[det.family].patch == patch
+            and FAMILIES[det.family].images == image
         ]
         units.append((fs, experiments))
     return units
@@ -347,15 +354,16 @@ def _honest_metrics(
 
 
 def _pixel_fields(outcome: Outcome, masks: np.ndarray, quantile: float,
-                  folds: int) -> dict[str, float | None]:  # fmt: skip
+                  folds: int, sigma: float) -> dict[str, float | None]:  # fmt: skip
     """The pixel-level columns of an experiment with maps: its test grids as anomaly maps
-    (``stages.patch.maps``) against the masks; the honest threshold is the ``quantile`` of
-    every pixel of the training images' maps, out-of-fold (in-sample with 0 folds)."""
-    maps = anomaly_maps(np.asarray(outcome.maps, dtype=np.float32), MAP_SIZE)
+    (``stages.patch.maps``, blurred with the family's ``sigma``) against the masks; the
+    honest threshold is the ``quantile`` of every pixel of the training images' maps,
+    out-of-fold (in-sample with 0 folds)."""
+    maps = anomaly_maps(np.asarray(outcome.maps, dtype=np.float32), MAP_SIZE, sigma)
     train = outcome.oof_maps if folds else outcome.train_maps
     threshold = None
     if train is not None and len(train):
-        train_maps = anomaly_maps(np.asarray(train, dtype=np.float32), MAP_SIZE)
+        train_maps = anomaly_maps(np.asarray(train, dtype=np.float32), MAP_SIZE, sigma)
         if np.isfinite(train_maps).all():
             threshold = honest_threshold(train_maps.reshape(-1), quantile)
         del train_maps
@@ -395,10 +403,11 @@ def _row(features: FeatureSetEntry, exp: Planned, outcome: Outcome, y: np.ndarra
         row.error = f"detector returned maps of shape {np.shape(maps)} for {y.shape[0]} test images"
         return row
     if maps is not None and masks is not None:
-        row.pixel = _pixel_fields(outcome, masks, quantile, folds)
+        sigma = FAMILIES[exp.detector.family].map_sigma
+        row.pixel = _pixel_fields(outcome, masks, quantile, folds, sigma)
         row.grids = np.asarray(maps, dtype=np.float16)
         row.grid_meta = {"category": features.category, "backbone": features.backbone,
-                         "crop": crop}  # fmt: skip
+                         "crop": crop, "sigma": sigma}  # fmt: skip
     return replace(
         row,
         status="done",
@@ -413,8 +422,9 @@ def _row(features: FeatureSetEntry, exp: Planned, outcome: Outcome, y: np.ndarra
 
 def unit_masks(unit: Unit, fs: FeatureSet) -> np.ndarray | None:
     """The test images' masks in the model's geometry (``stages.anomaly_maps``), for a unit
-    of a patch feature set (else ``None``): read from the image index's mask paths."""
-    if not is_patch(unit.features.representation) or not unit.index:
+    whose experiments make maps (a patch or image feature set; else ``None``): read from the
+    image index's mask paths."""
+    if not has_maps(unit.features.representation) or not unit.index:
         return None
     table = read_index(unit.index).select(["category", "image_id", "path", "mask_path"])
     rows = {r["image_id"]: r for r in table.to_pylist() if r["category"] == fs.manifest.get(
@@ -433,13 +443,15 @@ def unit_masks(unit: Unit, fs: FeatureSet) -> np.ndarray | None:
 
 
 def _grid_of(fs: FeatureSet, representation: str) -> tuple[int, int, int] | None:
-    """A patch feature set's (h, w, c) from its manifest's ``feature_shape``."""
-    if not is_patch(representation):
+    """A patch feature set's (h, w, c), an image feature set's (3, h, w), from its
+    manifest's ``feature_shape``; ``None`` for the others (rows stay vectors)."""
+    if not has_maps(representation):
         return None
     shape = fs.manifest.get("feature_shape")
     if not isinstance(shape, list) or len(shape) != 3:
-        raise UserError(f"{fs.manifest.get('folder', 'feature set')}: a patch feature set's "
-                        f"manifest needs its feature_shape [h, w, c]; {RERUN_EXTRACT}")  # fmt: skip
+        what = "[3, h, w]" if is_image(representation) else "[h, w, c]"
+        raise UserError(f"{fs.manifest.get('folder', 'feature set')}: the manifest needs its "
+                        f"feature_shape {what}; {RERUN_EXTRACT}")  # fmt: skip
     return int(shape[0]), int(shape[1]), int(shape[2])
 
 
@@ -492,12 +504,22 @@ def _per_config_rows(
             outcomes = FAMILIES[family].reference(
                 X_train, X_test, [e.detector for e in group], seed
             )
+            holdout = FAMILIES[family].holdout
             for exp in group:
-                with deadline(unit.timeout_s, Path(unit.notes) / f"{exp.key}.json"):
-                    outcome = next(outcomes)
-                    if outcome.error is None and folds is not None:
+                setting = Setting(unit.index, unit.workdir, unit.scratch, crop,
+                                  unit.features.category, exp.key)  # fmt: skip
+                with deadline(unit.timeout_s, Path(unit.notes) / f"{exp.key}.json"), \
+                        run_setting(setting):  # fmt: skip
+                    if holdout:
+                        outcome = holdout_outcome(FAMILIES[family], X_train, X_test, folds,
+                                                  exp.detector, seed)  # fmt: skip
+                    else:
+                        outcome = next(outcomes)
+                    if outcome.error is None and folds is not None and not holdout:
                         reference_oof(FAMILIES[family], outcome, X_train, folds, exp.detector,
                                       seed)  # fmt: skip
+                if setting.scratch:  # a finished experiment's training checkpoints
+                    shutil.rmtree(training_dir(setting.scratch, exp.key), ignore_errors=True)
                 rows.append(_finish(unit, exp, outcome, y, meta, per_image, masks, crop))
     return rows
 
@@ -531,6 +553,24 @@ def reference_oof(family: Family, outcome: Outcome, X_train: np.ndarray, folds: 
     outcome.oof_scores = oof
     outcome.oof_maps = oof_maps
     outcome.group_s = outcome.fit_s + outcome.score_s + time.perf_counter() - t0
+
+
+def holdout_outcome(family: Family, X_train: np.ndarray, X_test: np.ndarray,
+                    folds: np.ndarray | None, config: DetectorConfig, seed: int) -> Outcome:  # fmt: skip
+    """A family that trains (``Family.holdout``): one model on every training row but the
+    first fold's, scoring the test rows and the held-out rows, whose scores and maps are
+    the out-of-fold input of the honest thresholds (none without folds)."""
+    held = folds == 0 if folds is not None else np.zeros(len(X_train), dtype=bool)
+    queries = np.concatenate([X_test, X_train[held]]) if held.any() else X_test
+    outcome = family.reference_one(X_train[~held], queries, config, seed)
+    if outcome.error is not None or not held.any():
+        return outcome
+    n = len(X_test)
+    scores, maps = np.asarray(outcome.scores), outcome.maps
+    outcome.scores, outcome.oof_scores = scores[:n], scores[n:]
+    if maps is not None:
+        outcome.maps, outcome.oof_maps = maps[:n], maps[n:]
+    return outcome
 
 
 def _finish(unit: Unit, exp: Planned, outcome: Outcome, y: np.ndarray, meta: dict[str, Any],
@@ -927,6 +967,26 @@ def _run(units: list[Unit], params: EvaluateParams, recorder: Recorder, client: 
     )
 
 
+def stage_setting(params: EvaluateParams, root: Any) -> Setting:
+    """What families that need more than their rows read (:class:`Setting`): the image
+    index, the scratch folder and the extraction's geometry, as absolute paths."""
+    return Setting(index=str(Path(root.data.index).resolve()), workdir=str(Path.cwd()),
+                   scratch=str(Path(params.scratch).resolve()),
+                   crop=bool((root.extract or {}).get("crop", True)))  # fmt: skip
+
+
+def resolved_detectors(params: EvaluateParams, root: Any,
+                       params_path: str | Path) -> tuple[list[DetectorConfig], Setting]:  # fmt: skip
+    """The grid's detector configs as their experiments record them (``Family.resolve``:
+    e.g. a teacher's origin and hash), and the stage's setting."""
+    setting = stage_setting(params, root)
+    try:  # the grid is checked before anything else, so a typo is reported first
+        detectors = expand_detectors(params.detectors, params.allow_test_detectors)
+        return [FAMILIES[d.family].resolve(d, setting) for d in detectors], setting
+    except UserError as exc:
+        raise UserError(f"{params_path}: {exc}") from None
+
+
 def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str, Any]:
     """Run (or resume) the whole evaluation; returns the summary written to ``summary``.
 
@@ -935,10 +995,7 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
     params = load_section(params_path, "evaluate", EvaluateParams)
     assert isinstance(params, EvaluateParams)
     root = load_params(params_path)
-    try:  # the grid is checked before anything else, so a typo is reported first
-        detectors = expand_detectors(params.detectors, params.allow_test_detectors)
-    except UserError as exc:
-        raise UserError(f"{params_path}: {exc}") from None
+    detectors, setting = resolved_detectors(params, root, params_path)
     if client is None:
         check_scheduler(params.engine, "evaluate.engine", params_path)
     extract_out = Path((root.extract or {}).get("out", "cache/features"))
@@ -956,15 +1013,17 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
                           else None, indexes)  # fmt: skip
     with single_writer(params.db_url):  # one run per database: a second one is refused
         remove_stale_temps(Path(params.summary).parent, recursive=False)
-        index = str(Path(root.data.index).resolve())
-        return _evaluate_grid(params, grid, feature_sets, detectors, client, index)
+        return _evaluate_grid(params, grid, feature_sets, detectors, client, setting)
 
 
 def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, list[Planned]]],
                    feature_sets: list[FeatureSetEntry], detectors: list[DetectorConfig],
-                   client: Client | None, index: str = "") -> dict[str, Any]:  # fmt: skip
+                   client: Client | None, setting: Setting | None = None) -> dict[str, Any]:  # fmt: skip
     """The checked grid against the database: run what is pending, write the summary.
-    ``index``: the image index (absolute), where patch units read their test masks."""
+    ``setting``: the image index (absolute), where units with maps read their test masks,
+    and what the families that need more than their rows read."""
+    setting = setting or Setting(scratch=str(Path(params.scratch).resolve()))
+    index = setting.index
     keys = [e.key for _, exps in grid for e in exps]
     db = open_db(params.db_url)
     try:
@@ -981,7 +1040,7 @@ def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, lis
                    if q == params.threshold_quantile and f != params.threshold_folds]  # fmt: skip
         for key in (*other_q, *other_f):
             known[key] = "stale"  # threshold metrics computed otherwise: rerun
-        lost = [e.key for fs, exps in grid if is_patch(fs.representation) for e in exps
+        lost = [e.key for fs, exps in grid if has_maps(fs.representation) for e in exps
                 if known.get(e.key) == "done" and not grid_path(params.maps, e.key).is_file()]  # fmt: skip
         for key in lost:
             known[key] = "maps"
@@ -1016,7 +1075,8 @@ def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, lis
             if todo:
                 units.append(Unit(fs, todo, params.timeout_s, str(notes.resolve()),
                                   params.threshold_quantile, params.shared,
-                                  params.threshold_folds, index, str(Path.cwd())))  # fmt: skip
+                                  params.threshold_folds, index, str(Path.cwd()),
+                                  setting.scratch))  # fmt: skip
         n_todo = sum(len(u.experiments) for u in units)
         not_done = sum(1 for k in keys if known.get(k) in FINAL_NOT_DONE)
         log.info("%d experiments in the grid (%d feature sets x %d detector configs x "
@@ -1034,6 +1094,10 @@ def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, lis
                      "evaluate.retry_failed: true or %s=1 to retry them", not_done,
                      RETRY_ENV)  # fmt: skip
         started = time.perf_counter()
+        pending = [e.detector for u in units for e in u.experiments]
+        for name in dict.fromkeys(d.family for d in pending):  # e.g. a teacher to distil
+            FAMILIES[name].prepare(list(dict.fromkeys(d for d in pending if d.family == name)),
+                                   setting)  # fmt: skip
         if units:
             recorder = Recorder(db, n_todo, params.maps)
             try:

@@ -54,7 +54,9 @@ Params (section ``extract``):
   S in 16, 32, 64, 128, 224 (the [0, 1] input area-resized to SxS; gray: BT.601 luma);
   ``representations``: ``flatten`` (whole activation, as the study), ``avg`` (mean over
   positions/tokens; for pixels the mean colour or brightness) or ``grid:K`` (adaptive
-  average pool to KxK).
+  average pool to KxK), ``patch`` / ``patch:K`` (one vector per position) or ``image``
+  (pixels ``rgbS`` only: the RGB input kept as an image, for the families that train on
+  images, e.g. anomalib's models).
 
 Each feature set's ``manifest.json`` records, besides the matrix ``shape`` [rows, dim],
 ``activation_shape`` (one image's activation before the representation: [C, H, W], or
@@ -196,9 +198,10 @@ def _check_extractors(params: ExtractParams) -> None:
                 try:
                     represented_shape(shape, representation)
                 except ValueError as exc:
-                    raise UserError(f"{key}.representations: {representation} needs a layer "
-                                    f"with a spatial grid, but {extractor.backbone} {layer}'s "
-                                    f"{exc}") from None  # fmt: skip
+                    needs = ("an RGB image layer (pixels rgbS)" if representation == "image"
+                             else "a layer with a spatial grid")  # fmt: skip
+                    raise UserError(f"{key}.representations: {representation} needs {needs}, "
+                                    f"but {extractor.backbone} {layer}'s {exc}") from None  # fmt: skip
         for name, values in (
             ("layers", extractor.layers),
             ("representations", extractor.representations),

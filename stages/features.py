@@ -46,6 +46,18 @@ def is_patch(representation: str) -> bool:
     return representation.partition(":")[0] == "patch"
 
 
+def is_image(representation: str) -> bool:
+    """A representation that keeps the (3, H, W) RGB input (``image``, the pixels backbone's
+    ``rgbS`` layers): its rows reshape to the manifest's ``feature_shape`` [3, h, w]."""
+    return representation == "image"
+
+
+def has_maps(representation: str) -> bool:
+    """Whether the experiments of such a feature set make anomaly maps (patch or image
+    families), so the evaluate stage reads the test masks and stores the maps."""
+    return is_patch(representation) or is_image(representation)
+
+
 def feature_set_inputs(
     originals: list[dict[str, Any]], augmented: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:

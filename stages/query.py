@@ -220,11 +220,11 @@ class ExperimentMaps:
 def experiment_maps(exp: dict[str, Any], maps_dir: str | Path) -> ExperimentMaps:
     """The stored maps of experiment ``exp``; one-line ``UserError`` when it has none."""
     from stages.anomaly_maps import MAP_SIZE, grid_meta, grid_path, read_grids
-    from stages.features import is_patch
-    from stages.patch.maps import anomaly_maps
+    from stages.features import has_maps
+    from stages.patch.maps import SIGMA, anomaly_maps
 
     short = exp["key"][:12]
-    if not is_patch(exp["representation"]):
+    if not has_maps(exp["representation"]):
         raise UserError(f"experiment {short} ({exp['detector_name']}, representation "
                         f"{exp['representation']}) is an image-level detector: it scores whole "
                         "images and has no anomaly maps (patch families such as PatchCore "
@@ -238,7 +238,7 @@ def experiment_maps(exp: dict[str, Any], maps_dir: str | Path) -> ExperimentMaps
                         "which stores them again")  # fmt: skip
     ids, grids = read_grids(maps_dir, exp["key"])
     meta = grid_meta(maps_dir, exp["key"])
-    maps = anomaly_maps(grids, MAP_SIZE)
+    maps = anomaly_maps(grids, MAP_SIZE, float(meta.get("sigma", SIGMA)))
     finite = maps[np.isfinite(maps)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     return ExperimentMaps(exp, ids, maps, str(meta.get("category", exp["category"])),

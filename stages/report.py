@@ -62,9 +62,15 @@ from sqlalchemy.orm import Session
 
 from stages.dataset import stats_markdown
 from stages.errors import UserError, run_cli, setup_logging
-from stages.evaluate import FEATURE_SETS_FILE, EvaluateParams, plan, read_feature_sets
+from stages.evaluate import (
+    FEATURE_SETS_FILE,
+    EvaluateParams,
+    plan,
+    read_feature_sets,
+    resolved_detectors,
+)
 from stages.io import atomic_path, remove_stale_temps, write_json_atomic, write_text_atomic
-from stages.methods import FAMILIES, expand_detectors
+from stages.methods import FAMILIES
 from stages.metrics import (
     THRESHOLD_FIELDS,
     LocoChoice,
@@ -113,7 +119,7 @@ def grid_keys(params_path: str | Path) -> set[str]:
     root = load_params(params_path)
     extract_out = Path((root.extract or {}).get("out", "cache/features"))
     feature_sets = read_feature_sets(extract_out / FEATURE_SETS_FILE)
-    detectors = expand_detectors(params.detectors, params.allow_test_detectors)
+    detectors, _ = resolved_detectors(params, root, params_path)
     units = plan(feature_sets, root.augment.transforms, detectors, params.seeds,
                  params.augmentation)  # fmt: skip
     return {e.key for _, exps in units for e in exps}

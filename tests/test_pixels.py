@@ -165,6 +165,22 @@ def test_pixels_through_the_stage_equal_a_direct_computation_and_rerun_skips(
     }
 
 
+def test_image_representation_keeps_the_rgb_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``image``: the rgbS rows as stored by ``flatten``, declared (3, S, S) images (what
+    anomalib's models train on), bitwise equal to the flatten set of the same layer."""
+    section = {**SECTION, "extractors": [
+        {"backbone": "pixels", "layers": ["rgb32"], "representations": ["flatten", "image"]}]}  # fmt: skip
+    params = _stage(tmp_path, section, monkeypatch)
+    extract.main(["--params", str(params)])
+    out = tmp_path / "cache/features/alpha/pixels-none/rgb32"
+    image, flat = read_manifest(out / "image"), read_manifest(out / "flatten")
+    assert image["feature_shape"] == [3, 32, 32] and image["representation"] == "image"
+    assert image["content_hash"] != flat["content_hash"]  # a feature set of its own
+    assert np.array_equal(load_feature_set(out / "image").X, load_feature_set(out / "flatten").X)
+
+
 def test_pixels_without_crop_and_seed_independence(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -205,6 +221,15 @@ def test_pixels_without_crop_and_seed_independence(
             {"backbone": "resnet18", "init": "none", "layers": ["layer4"]},
             "extract.extractors[0].init: unknown init 'none' for resnet18 "
             "(valid: random, imagenet)",
+        ),
+        (
+            {"backbone": "pixels", "layers": ["gray64"], "representations": ["image"]},
+            "extract.extractors[0].representations: image needs an RGB image layer (pixels "
+            "rgbS), but pixels gray64's activation of shape [1, 64, 64] is no RGB image",
+        ),
+        (
+            {"backbone": "resnet18", "layers": ["layer2"], "representations": ["image"]},
+            "extract.extractors[0].representations: image needs an RGB image layer",
         ),
         (
             {"backbone": "pixels", "layers": ["gray65"]},

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.errors import UserError
+from stages.methods.anomalib_models import AnomalibFamily
 from stages.methods.base import (
     DetectorConfig,
     Family,
@@ -59,6 +60,7 @@ FAMILIES: dict[str, Family] = {
         PaDiMFamily,
         PatchKNNFamily,
         PatchMahalanobisFamily,
+        AnomalibFamily,
         CrashFamily,
         HangFamily,
     )

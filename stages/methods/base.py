@@ -22,7 +22,10 @@ import time
 import traceback
 import warnings
 from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import numpy as np
@@ -34,6 +37,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 from stages.errors import UserError
 from stages.io import stable_hash
+from stages.patch.maps import SIGMA
 
 if TYPE_CHECKING:
     from stages.methods.unit import Needs, UnitData
@@ -62,8 +66,10 @@ class DetectorConfig:
 
     @property
     def name(self) -> str:
-        """Readable label: ``Family(key=value,...)``, keys sorted."""
-        return f"{self.family}({','.join(f'{k}={v}' for k, v in self.params)})"
+        """Readable label: ``Family(key=value,...)``, keys sorted (``model``, which names
+        what a wrapper family runs, first)."""
+        params = sorted(self.params, key=lambda kv: kv[0] != "model")
+        return f"{self.family}({','.join(f'{k}={v}' for k, v in params)})"
 
     @property
     def key(self) -> str:
@@ -108,6 +114,47 @@ class Scored:
 
     scores: np.ndarray
     maps: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a family may read besides its rows (the families that train or need images of
+    their own: anomalib's models): the image index (absolute), the folder its relative
+    paths start from, the evaluate stage's scratch folder (shared with workers), the
+    extraction's geometry (``crop``); at run time also the experiment's category and key
+    (``run_setting``), e.g. to name its training checkpoints."""
+
+    index: str = ""
+    workdir: str = "."
+    scratch: str = ""
+    crop: bool = True
+    category: str = ""
+    key: str = ""
+    part: str = ""  # the model being fitted: "" (the experiment's), or a fold ("fold0")
+
+
+def training_dir(scratch: str | Path, key: str) -> Path:
+    """Where the training checkpoints of experiment ``key`` live (one subfolder per model:
+    the experiment's and its folds'); the stage removes it once the experiment is done."""
+    return Path(scratch) / "training" / key
+
+
+_RUN: ContextVar[Setting | None] = ContextVar("run_setting", default=None)
+
+
+@contextmanager
+def run_setting(setting: Setting) -> Iterator[None]:
+    """Make ``setting`` the experiment's setting for the block (:func:`current_setting`)."""
+    token = _RUN.set(setting)
+    try:
+        yield
+    finally:
+        _RUN.reset(token)
+
+
+def current_setting() -> Setting | None:
+    """The setting of the experiment being run (``None`` outside the evaluate stage)."""
+    return _RUN.get()
 
 
 def error_text(exc: BaseException) -> str:
@@ -169,6 +216,19 @@ class Family:
     # feature sets only, and the image-level families with the others. Its plain
     # reference receives the rows as (n, h, w, c) arrays.
     patch: ClassVar[bool] = False
+    # Trains on the images themselves (representation ``image``: the pixels backbone's
+    # ``rgbS`` rows as (n, 3, h, w)) and returns an anomaly map per image; paired with the
+    # image feature sets only (anomalib's models).
+    images: ClassVar[bool] = False
+    # The Gaussian blur (sigma in map pixels) that turns the family's grids into anomaly
+    # maps after the bilinear resize to the model's input (stages.patch.maps); 0: the
+    # family's maps are final already (anomalib blurs its own where its model does).
+    map_sigma: ClassVar[float] = SIGMA
+    # A family that trains a network holds out the first of the ``threshold_folds`` folds
+    # instead of refitting once per fold: its one model trains on the other rows and
+    # scores the test rows and the held-out ones (the honest threshold's input), as
+    # anomalib splits a validation set off the training images.
+    holdout: ClassVar[bool] = False
     # The shared path fails the whole group, as scikit-learn's input check does, when a
     # query row has a non-finite feature (a family whose estimator accepts NaN sets False).
     needs_finite: ClassVar[bool] = True
@@ -207,6 +267,17 @@ class Family:
         probe = {k: v for k, v in config.kwargs.items() if k in self.probed}
         if probe:
             _probe(self, tuple(sorted(probe.items())))
+
+    # --- data-dependent configs (families that need more than their rows) ------------------
+    def resolve(self, config: DetectorConfig, setting: Setting) -> DetectorConfig:
+        """The config as the experiment records it, once the stage knows the data: e.g. a
+        teacher network's origin and content hash added to its hyperparameters, so rows
+        of different teachers never share a key. By default the config itself."""
+        return config
+
+    def prepare(self, configs: Sequence[DetectorConfig], setting: Setting) -> None:
+        """Build what ``configs`` share before their work units run (in the stage, once):
+        e.g. a distilled teacher. By default nothing."""
 
     # --- the plain reference: one estimator per config ----------------------------------
     def estimator(self, params: dict[str, Any], seed: int) -> BaseEstimator:
