@@ -52,7 +52,7 @@ def params(root: Path, category: str, teacher_steps: int, max_steps: int,
          "representations": ["patch"]},
         {"backbone": "pixels", "init": "none", "layers": ["rgb224"], "representations": ["image"]},
     ]  # fmt: skip
-    p["evaluate"].update(augmentation="off")
+    p["evaluate"].update(augmentation="off", timeout_s=None)  # EfficientAd trains for minutes
     p["evaluate"]["engine"].update(n_workers=1, threads_per_worker=2)
     p["evaluate"]["detectors"] = [
         {"family": "PatchCore", "fixed": {"coreset_ratio": 0.01, "n_neighbors": 9}},

@@ -228,7 +228,7 @@ def experiment_maps(exp: dict[str, Any], maps_dir: str | Path) -> ExperimentMaps
         raise UserError(f"experiment {short} ({exp['detector_name']}, representation "
                         f"{exp['representation']}) is an image-level detector: it scores whole "
                         "images and has no anomaly maps (patch families such as PatchCore "
-                        "and PaDiM have)")  # fmt: skip
+                        "and PaDiM have, and anomalib's models)")  # fmt: skip
     if exp["status"] != "done":
         raise UserError(f"experiment {short} is {exp['status']}, not done: no anomaly maps")
     path = grid_path(maps_dir, exp["key"])
