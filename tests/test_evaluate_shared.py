@@ -25,8 +25,9 @@ from tests.eval_fixtures import grid_of, write_feature_set
 
 SEED = 3
 # the demo's image-level configs (the patch families run on patch feature sets only:
-# tests/test_patch_methods.py)
-DEMO = [c for c in expand_detectors(grid_of("params.yaml")) if not FAMILIES[c.family].patch]
+# tests/test_patch_methods.py; the image families on images: tests/test_anomalib_models.py)
+DEMO = [c for c in expand_detectors(grid_of("params.yaml"))
+        if not FAMILIES[c.family].patch and not FAMILIES[c.family].images]  # fmt: skip
 TOLERANT = tuple(sorted({c.family for c in DEMO} - {"KernelDensity"}))
 FALLBACK = DetectorConfig("KernelDensity", (("bandwidth", 1.0), ("metric", "manhattan")))
 
@@ -234,7 +235,14 @@ def test_nonfinite_features_fail_like_sklearn(tmp_path):
     table = table.set_column(5, "feature", [features])
     pq.write_table(table.cast(pq.read_schema(shard)), shard)
     detectors = [
-        *expand_detectors([{"family": f} for f in FAMILIES if not FAMILIES[f].test_only]),
+        # every family with its defaults (anomalib's need a model and images: not here)
+        *expand_detectors(
+            [
+                {"family": f}
+                for f in FAMILIES
+                if not FAMILIES[f].test_only and not FAMILIES[f].images
+            ]
+        ),
         FALLBACK,
     ]
     shared = _by_key(evaluate_unit(_unit(folder, tmp_path, detectors, shared=True)))
