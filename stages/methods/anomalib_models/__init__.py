@@ -28,7 +28,6 @@ in-sample comparison columns use them) would cost a forward pass per training im
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,7 +88,6 @@ MODELS: dict[str, ModelSpec] = {
 }
 DISTILLED = "distilled-efficientnet_lite0"
 OTHER_CATEGORIES = "other-categories"
-ANOMALIB_TEACHER = "anomalib"
 
 
 class AnomalibHyper(Hyper):
@@ -115,15 +113,6 @@ class AnomalibHyper(Hyper):
     teacher_steps: PositiveInt = 2000
     teacher_image_size: PositiveInt | None = None  # None: image_size
     teacher_batch_size: PositiveInt = 8
-
-
-def file_hash(path: Path) -> str:
-    """SHA-256 of a file (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class AnomalibFamily(Family):
@@ -247,4 +236,4 @@ class AnomalibFamily(Family):
         return Outcome(out.scores, out.fit_s, out.score_s, maps=out.maps)
 
 
-__all__ = ["MODELS", "AnomalibFamily", "AnomalibHyper", "ModelSpec", "file_hash"]
+__all__ = ["MODELS", "AnomalibFamily", "AnomalibHyper", "ModelSpec"]
