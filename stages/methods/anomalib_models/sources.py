@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.errors import UserError
-from stages.io import stable_hash
+from stages.io import sha256_file, stable_hash
 
 if TYPE_CHECKING:
     from stages.methods.anomalib_models import AnomalibHyper
@@ -37,14 +36,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PENALTY_LIMIT = 1000  # penalty images at most (a seeded sample of them beyond)
 ANOMALIB_URL = ("https://github.com/open-edge-platform/anomalib/releases/download/"
                 "efficientad_pretrained_weights/efficientad_pretrained_weights.zip")  # fmt: skip
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- the image index's good training images ---------------------------------------------------
@@ -114,12 +105,12 @@ def resolve_teacher(hp: AnomalibHyper, setting: Setting) -> str:
                             f"there and cannot be downloaded here (get {ANOMALIB_URL} "
                             f"elsewhere and unzip it into {path.parents[1]}, or use "
                             "teacher: distilled-efficientnet_lite0)")  # fmt: skip
-        return f"anomalib:{_sha256(path)[:16]}"
+        return f"anomalib:{sha256_file(path)[:16]}"
     path = Path(hp.teacher)
     if not path.is_file():
         raise UserError(f"EfficientAd teacher: {path} not found (a .pth state_dict of the PDN "
                         "teacher; or use teacher: distilled-efficientnet_lite0)")  # fmt: skip
-    return f"{path}:{_sha256(path)[:16]}"
+    return f"{path}:{sha256_file(path)[:16]}"
 
 
 def teacher_file(resolved: str, hp: AnomalibHyper, setting: Setting) -> Path:
@@ -173,7 +164,7 @@ def resolve_penalty(value: str, setting: Setting) -> str:
     if not files:
         raise UserError(f"EfficientAd penalty: {folder} is not a folder with images "
                         f"({', '.join(IMAGE_SUFFIXES)}); or use penalty: other-categories")  # fmt: skip
-    return f"{folder}:{stable_hash([_sha256(p) for p in files])[:16]}"
+    return f"{folder}:{stable_hash([sha256_file(p) for p in files])[:16]}"
 
 
 def penalty_images(resolved: str, setting: Setting, seed: int) -> np.ndarray:

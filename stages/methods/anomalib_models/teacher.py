@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.backbones import activation_shapes, get_backbone
+from stages.io import stable_hash
 from stages.progress import progress as progress_bar
 
 BACKBONE = "efficientnet_lite0"
@@ -345,7 +345,7 @@ def _run_key(images: np.ndarray, config: DistillConfig) -> str:
         "identity": config.identity(),
         "images": [list(images.shape), str(images.dtype), digest],
     }
-    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
+    return stable_hash(run)
 
 
 def _load_keyed(
