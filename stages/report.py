@@ -12,7 +12,7 @@ Writes, under ``report.out``:
   heatmap, Figure 4 (family time per work unit against feature dimension and training-set
   size) and ROC
   curves of each category's best configs; PNG figures in ``figures/``. When experiments
-  made anomaly maps (patch families), the section "Where is the defect": per category the
+  made anomaly maps (patch families, anomalib's models), the section "Where is the defect": per category the
   image AUROC, pixel AUROC and AUPRO of four picks among them (oracle by image AUROC, by
   AUPRO; honest LOCO by each), and ``figures/maps_<category>.png``: the best-AUPRO
   experiment's maps over the least and most anomalous good and defective test images
@@ -674,7 +674,7 @@ def _pixel_section(pixel: PixelResults, engine: Engine, figures: Path, maps_dir:
     means = pixel_means(pixel)
     labels = dict(PIXEL_PICKS)
     parts = [
-        f"{pixel.experiments} done experiments made anomaly maps (patch families), in "
+        f"{pixel.experiments} done experiments made anomaly maps (patch families and anomalib's models), in "
         f"{n_cat} categor{'y' if n_cat == 1 else 'ies'}. They are scored per pixel in the "
         "model's 224 x 224 input: *pixel AUROC* over every pixel of every test image, "
         "*AUPRO* the mean overlap with each defect region up to a false positive rate of "
