@@ -15,7 +15,9 @@ Store. The test images' patch-score grids of every done patch experiment are one
 file ``<maps>/<key[:2]>/<key>.parquet`` (``image_id``, ``grid`` as float16 ``h * w`` values
 in row-major order; the grid shape in the file's metadata), written atomically before the
 experiment's row reaches the database, so a done patch experiment always has its maps and
-a killed run never leaves half a file. float16 keeps 3 significant digits of a score,
+a killed run never leaves half a file. A family that reconstructs its input also stores a
+few test images' inputs and reconstructions (uint8) in ``<key>.examples.parquet`` beside
+them, for the report's figure. float16 keeps 3 significant digits of a score,
 enough for a picture; the metrics are computed from the float32 grids before storing.
 """
 
@@ -129,6 +131,48 @@ def _grid_table(maps_dir: str | Path, key: str) -> pa.Table:
         raise UserError(f"{path}: unreadable anomaly-map file ({exc}); delete it and rerun "
                         "the evaluate stage") from None  # fmt: skip
     return table
+
+
+# --- reconstructions (families that rebuild their input) ---------------------------------
+def example_path(maps_dir: str | Path, key: str) -> Path:
+    """Where a few test images' inputs and reconstructions of experiment ``key`` are stored."""
+    return Path(maps_dir) / key[:2] / f"{key}.examples.parquet"
+
+
+def write_examples(maps_dir: str | Path, key: str, image_ids: Sequence[str],
+                   inputs: np.ndarray, reconstructions: np.ndarray) -> Path:  # fmt: skip
+    """Store ``(n, 3, h, w)`` uint8 inputs and reconstructions of ``image_ids`` (atomically)."""
+    inputs, reconstructions = np.asarray(inputs, np.uint8), np.asarray(reconstructions, np.uint8)
+    if inputs.shape != reconstructions.shape or len(inputs) != len(image_ids):
+        raise ValueError(f"examples {inputs.shape} / {reconstructions.shape} do not match "
+                         f"{len(image_ids)} images")  # fmt: skip
+    size = int(np.prod(inputs.shape[1:]))
+    columns = {"image_id": pa.array(list(image_ids), pa.string())}
+    for name, values in (("input", inputs), ("reconstruction", reconstructions)):
+        flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+        columns[name] = pa.FixedSizeListArray.from_arrays(flat, size)
+    metadata = {GRID_META: json.dumps(list(inputs.shape[1:])).encode()}
+    path = example_path(maps_dir, key)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns).replace_schema_metadata(metadata), tmp, compression="zstd")
+    return path
+
+
+def read_examples(maps_dir: str | Path, key: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(image_ids, inputs, reconstructions)`` ((n, 3, h, w) uint8) of one experiment."""
+    path = example_path(maps_dir, key)
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no stored reconstructions for experiment {key} (only done "
+                        "experiments of reconstruction families have them)") from None  # fmt: skip
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"{path}: unreadable file ({exc}); delete it and rerun the "
+                        "evaluate stage") from None  # fmt: skip
+    shape = json.loads((table.schema.metadata or {})[GRID_META])
+    out = [table.column(n).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+           .reshape(table.num_rows, *shape) for n in ("input", "reconstruction")]  # fmt: skip
+    return table.column("image_id").to_pylist(), out[0], out[1]
 
 
 # --- pictures ------------------------------------------------------------------------------

@@ -72,18 +72,24 @@ def expected_weights_file(weights: models.WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
+def _missing_weights(arch: str, weights: str) -> str | None:
+    """Why torchvision's ImageNet weights of ``arch`` cannot load offline, or None."""
+    enum = _torchvision_weights(weights)
+    path = expected_weights_file(enum)
+    if path.is_file():
+        return None
+    return (f"ImageNet weights for {arch} not found at {path} (no network here: download "
+            f"{enum.url} elsewhere and place it there, or set init: random)")  # fmt: skip
+
+
 def _torchvision_builder(arch: str, weights: str) -> Callable[[str], nn.Module]:
     def build(init: str) -> nn.Module:
         if init == "random":
             return models.get_model(arch, weights=None)
-        enum = _torchvision_weights(weights)
-        path = expected_weights_file(enum)
-        if not path.is_file():
-            raise UserError(
-                f"ImageNet weights for {arch} not found at {path} (no network here: download "
-                f"{enum.url} elsewhere and place it there, or set init: random)"
-            )
-        return models.get_model(arch, weights=enum)
+        message = _missing_weights(arch, weights)
+        if message:
+            raise UserError(message)
+        return models.get_model(arch, weights=_torchvision_weights(weights))
 
     return build
 
@@ -258,6 +264,15 @@ def init_error(backbone: str, init: str) -> str | None:
         return None
     why = f"; {backbone} has no weights" if valid == ("none",) else ""
     return f"unknown init '{init}' for {backbone} (valid: {', '.join(valid)}{why})"
+
+
+def weights_error(backbone: str, init: str) -> str | None:
+    """Why ``backbone``'s ``init`` weights cannot load here (a torchvision ImageNet file
+    missing from the torch cache: the line says where to put it), or None."""
+    spec = get_backbone(backbone)
+    if init != "imagenet" or "_Weights." not in spec.weights:  # not a torchvision enum
+        return None
+    return _missing_weights(spec.name, spec.weights)
 
 
 LAYER_SEP = "+"

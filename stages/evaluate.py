@@ -114,7 +114,7 @@ from distributed import Client
 from pydantic import Field, ValidationError, field_validator
 from tqdm import tqdm
 
-from stages.anomaly_maps import MAP_SIZE, grid_path, load_masks, write_grids
+from stages.anomaly_maps import MAP_SIZE, grid_path, load_masks, write_examples, write_grids
 from stages.augment import INDEX as AUGMENT_INDEX
 from stages.augment import check_augment_index, train_originals
 from stages.dataset import read_index
@@ -145,7 +145,7 @@ from stages.methods import (
     error_text,
     expand_detectors,
 )
-from stages.methods.base import Setting, run_setting, training_dir
+from stages.methods.base import Setting, current_setting, run_setting, training_dir
 from stages.methods.unit import fold_assignment, image_groups
 from stages.metrics import THRESHOLD_FIELDS, honest_threshold, ranking_metrics, threshold_metrics
 from stages.params import (
@@ -562,7 +562,9 @@ def holdout_outcome(family: Family, X_train: np.ndarray, X_test: np.ndarray,
     the out-of-fold input of the honest thresholds (none without folds)."""
     held = folds == 0 if folds is not None else np.zeros(len(X_train), dtype=bool)
     queries = np.concatenate([X_test, X_train[held]]) if held.any() else X_test
-    outcome = family.reference_one(X_train[~held], queries, config, seed)
+    setting = replace(current_setting() or Setting(), held=int(held.sum()))
+    with run_setting(setting):  # the family may report a validation loss on the held rows
+        outcome = family.reference_one(X_train[~held], queries, config, seed)
     if outcome.error is not None or not held.any():
         return outcome
     n = len(X_test)
@@ -570,6 +572,9 @@ def holdout_outcome(family: Family, X_train: np.ndarray, X_test: np.ndarray,
     outcome.scores, outcome.oof_scores = scores[:n], scores[n:]
     if maps is not None:
         outcome.maps, outcome.oof_maps = maps[:n], maps[n:]
+    for name in ("inputs", "reconstructions"):  # kept for the test images only
+        if getattr(outcome, name) is not None:
+            setattr(outcome, name, getattr(outcome, name)[:n])
     return outcome
 
 
@@ -578,7 +583,28 @@ def _finish(unit: Unit, exp: Planned, outcome: Outcome, y: np.ndarray, meta: dic
             crop: bool = True) -> ExperimentRow:  # fmt: skip
     row = _row(unit.features, exp, outcome, y, meta, unit.threshold_quantile,
                unit.threshold_folds, masks, crop)  # fmt: skip
-    return replace(row, **per_image) if row.status == "done" else row
+    if row.status != "done":
+        return row
+    row = replace(row, **per_image, curve=list(outcome.curve or []))
+    if outcome.inputs is not None and outcome.reconstructions is not None:
+        pick = example_images(per_image["defect_types"])
+        row.examples = {"image_ids": [per_image["image_ids"][i] for i in pick],
+                        "inputs": outcome.inputs[pick],
+                        "reconstructions": outcome.reconstructions[pick]}  # fmt: skip
+    return row
+
+
+EXAMPLES = 4  # test images whose reconstructions are kept per experiment
+
+
+def example_images(defect_types: Sequence[str], n: int = EXAMPLES) -> list[int]:
+    """Which test images to keep reconstructions of: the first good one, then the first of
+    each defect type in order, then the next ones, up to ``n``."""
+    firsts = list({d: i for i, d in reversed(list(enumerate(defect_types)))}.values())[::-1]
+    good = [i for i in firsts if defect_types[i] == "good"]
+    chosen = (good + [i for i in firsts if i not in good])[:n]
+    rest = [i for i in range(len(defect_types)) if i not in chosen]
+    return sorted(chosen + rest[: n - len(chosen)])
 
 
 # --- shared computation ----------------------------------------------------------------------
@@ -792,6 +818,25 @@ def check_listing(root: Any, feature_sets: Sequence[FeatureSetEntry], listing: P
                             f"configure; {RERUN_EXTRACT}")  # fmt: skip
 
 
+def check_pairing(specs: Sequence[DetectorSpec], feature_sets: Sequence[FeatureSetEntry],
+                  params_path: str | Path) -> None:  # fmt: skip
+    """A family that runs on image (or patch) feature sets only, while extract.extractors
+    makes none, would silently run no experiment: a one-line error naming its entry."""
+    wants = (("images", is_image, "trains on images", "{backbone: pixels, init: none, "
+              "layers: [rgb128], representations: [image]}"),
+             ("patch", is_patch, "scores patch features", "{backbone: efficientnet_lite0, "
+              "init: imagenet, layers: [stage6], representations: [patch]}"))  # fmt: skip
+    for i, spec in enumerate(specs):
+        family = FAMILIES[spec.family]
+        for attribute, matches, what, example in wants:
+            if getattr(family, attribute) and not any(matches(fs.representation)
+                                                      for fs in feature_sets):  # fmt: skip
+                raise UserError(f"{params_path}: evaluate.detectors[{i}] ({spec.family}) {what}, "
+                                "but no feature set has that shape (extract.extractors has no "
+                                f"representation {'image' if attribute == 'images' else 'patch'}"
+                                f"; add e.g. {example})")  # fmt: skip
+
+
 def check_augmentation(params: EvaluateParams, transforms: dict[str, list[str]],
                        categories: Sequence[str], where: str | Path) -> None:  # fmt: skip
     """An ``augmented`` experiment must train on augmented images: ``both`` needs transforms
@@ -894,6 +939,8 @@ class Recorder:
         for row in rows:  # the maps first: a done patch experiment always has its maps
             if row.status == "done" and row.grids is not None:
                 write_grids(self.maps, row.key, row.image_ids, row.grids, row.grid_meta)
+            if row.status == "done" and row.examples:
+                write_examples(self.maps, row.key, **row.examples)
         upsert(self.engine, rows, self.version)
         self.counts.update(r.status for r in rows)
         self.bar.set_postfix({k: self.counts[k] for k in sorted(self.counts)}, refresh=False)
@@ -1004,6 +1051,7 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
     # Inputs that belong together, before anything is written (one line: what to rerun).
     check_listing(root, feature_sets, listing)
     check_augmentation(params, root.augment.transforms, root.data.categories, params_path)
+    check_pairing(params.detectors, feature_sets, params_path)
     grid = plan(feature_sets, root.augment.transforms, detectors, params.seeds,
                 params.augmentation)  # fmt: skip
     indexes = _Indexes(root)

@@ -14,6 +14,8 @@ Tables:
 * ``images``: one row per test image of a category (shared by all its experiments).
 * ``scores``: the per-image test score of every done experiment (NULL where the score was
   NaN, since SQLite cannot store NaN; ``±inf`` are stored as they are).
+* ``epochs``: the learning curve of every done experiment whose family trains a network
+  (one row per epoch: training loss, held-out good images' loss, seconds).
 
 Only the stage process writes (workers return results to it), so upserts are plain
 select-then-insert/update inside one transaction per work unit, which works the same on
@@ -205,6 +207,21 @@ class Score(Base):
     score: Mapped[float | None] = mapped_column(Float)
 
 
+class Epoch(Base):
+    """One finished training epoch of an experiment whose family trains a network: the
+    learning curve (``val_loss``: the held-out good training images', NULL without them)."""
+
+    __tablename__ = "epochs"
+
+    experiment: Mapped[int] = mapped_column(
+        ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True
+    )
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)  # 1-based
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    val_loss: Mapped[float | None] = mapped_column(Float)
+    seconds: Mapped[float | None] = mapped_column(Float)
+
+
 @dataclass
 class ExperimentRow:
     """What the stage writes for one experiment (config fields + outcome)."""
@@ -237,6 +254,10 @@ class ExperimentRow:
     pixel: dict[str, float | None] = field(default_factory=dict)
     grids: Any = None
     grid_meta: dict[str, Any] = field(default_factory=dict)  # stored with the grids
+    # A family that trains: its learning curve (``epochs`` table) and a few test images'
+    # inputs and reconstructions, stored beside the grids (``stages.anomaly_maps``).
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    examples: dict[str, Any] = field(default_factory=dict)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -466,6 +487,18 @@ def scores_of(engine: Engine, key: str) -> dict[str, float | None]:
         return {image: score for image, score in session.execute(query)}
 
 
+def curve_of(engine: Engine, key: str) -> list[dict[str, Any]]:
+    """The learning curve of one experiment (``epochs`` rows by epoch; empty if none)."""
+    query = (
+        select(Epoch.epoch, Epoch.train_loss, Epoch.val_loss, Epoch.seconds)
+        .join(Experiment, Experiment.id == Epoch.experiment)
+        .where(Experiment.key == key)
+        .order_by(Epoch.epoch)
+    )
+    with Session(engine) as session:
+        return [dict(r) for r in session.execute(query).mappings()]
+
+
 def score_row_count(engine: Engine) -> int:
     with Session(engine) as session:
         return session.execute(select(func.count()).select_from(Score)).scalar_one()
@@ -567,6 +600,17 @@ def _upsert(engine: Engine, rows: Sequence[ExperimentRow], code_version: str) ->
         ]  # fmt: skip
         if score_rows:
             session.execute(insert(Score), score_rows)
+        session.execute(delete(Epoch).where(Epoch.experiment.in_(ids)))
+        epoch_rows = [
+            {"experiment": by_key[r.key].id, "epoch": int(e["epoch"]),
+             "train_loss": _db_float(e.get("train_loss")), "val_loss": _db_float(e.get("val_loss")),
+             "seconds": e.get("seconds")}
+            for r in rows
+            if r.status == "done"
+            for e in r.curve
+        ]  # fmt: skip
+        if epoch_rows:
+            session.execute(insert(Epoch), epoch_rows)
 
 
 # --- one writer at a time ---------------------------------------------------------------------

@@ -39,6 +39,11 @@ from stages.methods.patch_knn import PatchKNNFamily
 from stages.methods.patch_mahalanobis import PatchMahalanobisFamily
 from stages.methods.patchcore import PatchCoreFamily
 from stages.methods.pca_reconstruction import PCAReconstructionFamily
+from stages.methods.reconstruction import (
+    ConvAutoencoderFamily,
+    EncoderAutoencoderFamily,
+    VAEFamily,
+)
 from stages.methods.unit import Needs, UnitData
 
 __all__ = ["FAMILIES", "DetectorConfig", "DetectorSpec", "Family", "Needs", "Outcome",
@@ -61,6 +66,9 @@ FAMILIES: dict[str, Family] = {
         PatchKNNFamily,
         PatchMahalanobisFamily,
         AnomalibFamily,
+        ConvAutoencoderFamily,
+        VAEFamily,
+        EncoderAutoencoderFamily,
         CrashFamily,
         HangFamily,
     )

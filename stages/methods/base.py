@@ -18,6 +18,7 @@ Scores are oriented so that higher means more anomalous.
 from __future__ import annotations
 
 import re
+import sys
 import time
 import traceback
 import warnings
@@ -104,6 +105,13 @@ class Outcome:
     oof_scores: np.ndarray | None = None  # training rows scored by models that did not see them
     train_maps: np.ndarray | None = None  # (n_train, h, w) in-sample, with ``maps``
     oof_maps: np.ndarray | None = None  # (n_train, h, w) out-of-fold, with ``oof_scores``
+    # A family that trains a network: one entry per finished epoch (``epoch``,
+    # ``train_loss``, ``val_loss`` on the held-out good images, ``seconds``), stored in the
+    # ``epochs`` table; and, per test image, the model's input and its reconstruction
+    # ((n_test, 3, h, w) uint8) for the report's figure (the stage keeps a few).
+    curve: list[dict[str, float | int | None]] | None = None
+    inputs: np.ndarray | None = None
+    reconstructions: np.ndarray | None = None
 
 
 @dataclass
@@ -131,12 +139,30 @@ class Setting:
     category: str = ""
     key: str = ""
     part: str = ""  # the model being fitted: "" (the experiment's), or a fold ("fold0")
+    # A ``holdout`` family's queries end with this many held-out good training images
+    # (after the test images): the validation slice a training loop may report a loss on.
+    held: int = 0
 
 
 def training_dir(scratch: str | Path, key: str) -> Path:
     """Where the training checkpoints of experiment ``key`` live (one subfolder per model:
     the experiment's and its folds'); the stage removes it once the experiment is done."""
     return Path(scratch) / "training" / key
+
+
+def checkpoint_dir(setting: Setting | None) -> Path | None:
+    """The folder of the current model's training checkpoints (``training_dir`` of the
+    experiment, then ``part`` or ``model``); ``None`` outside an experiment (no scratch
+    folder or key: a plain call, which then trains without checkpoints)."""
+    if setting is None or not setting.scratch or not setting.key:
+        return None
+    return training_dir(setting.scratch, setting.key) / (setting.part or "model")
+
+
+def say(message: str) -> None:
+    """One line on the process's stderr: the stage's output, also from a Dask worker (whose
+    logging the engine silences), e.g. from which epoch or step a training resumes."""
+    print(f"evaluate: {message}", file=sys.__stderr__, flush=True)
 
 
 _RUN: ContextVar[Setting | None] = ContextVar("run_setting", default=None)

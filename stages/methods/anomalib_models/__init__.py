@@ -46,9 +46,9 @@ from stages.methods.base import (
     Outcome,
     PositiveInt,
     Setting,
+    checkpoint_dir,
     current_setting,
     error_text,
-    training_dir,
 )
 
 
@@ -224,10 +224,9 @@ class AnomalibFamily(Family):
             hp = self.hyperparams(config)
             model = build(hp, seed, setting)
             label = f"{setting.category} {hp.model} {setting.key[:12]} {setting.part}".strip()
-            if setting.scratch and setting.key:
-                workdir = training_dir(setting.scratch, setting.key) / (setting.part or "model")
-            else:
-                workdir = Path(setting.scratch or ".") / "training" / "unnamed"
+            workdir = (
+                checkpoint_dir(setting) or Path(setting.scratch or ".") / "training" / "unnamed"
+            )
             out = train_and_score(model, hp, X_train, X_test, seed, workdir, label)
         except UserError:
             raise

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from stages.methods.base import say
+
 CHECKPOINT = "last.ckpt"
 
 
@@ -61,12 +63,6 @@ def quiet() -> Iterator[None]:
         finally:
             for lg, level in zip(loggers, levels, strict=True):
                 lg.setLevel(level)
-
-
-def say(message: str) -> None:
-    """One line on the process's stderr: the stage's output, also from a Dask worker (whose
-    logging the engine silences), e.g. from which step a training resumes."""
-    print(f"evaluate: {message}", file=sys.__stderr__, flush=True)
 
 
 def step_rng(seed: int, step: int) -> np.random.Generator:
