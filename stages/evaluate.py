@@ -955,6 +955,16 @@ class Recorder:
         )
 
 
+def unit_parts(experiments: Sequence[Planned]) -> list[tuple[Planned, ...]]:
+    """The work units of one feature set's pending experiments: an experiment of a family
+    that trains a network (``Family.holdout``) is a unit of its own, so trainings spread
+    over the workers and each is recorded when it ends; the rest stay together (they share
+    the unit's computation). Trainings first: the longest tasks start earliest."""
+    trains = [(e,) for e in experiments if FAMILIES[e.detector.family].holdout]
+    rest = tuple(e for e in experiments if not FAMILIES[e.detector.family].holdout)
+    return trains + ([rest] if rest else [])
+
+
 def _split(unit: Unit) -> list[Unit]:
     half = len(unit.experiments) // 2
     if half == 0:
@@ -1120,8 +1130,8 @@ def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, lis
                 log.info("skip %s: %s of %d (%d to run)", f"{fs.category} {fs.backbone}-"
                          f"{fs.init} {fs.layer} {fs.representation}", what, len(exps),
                          len(todo))  # fmt: skip
-            if todo:
-                units.append(Unit(fs, todo, params.timeout_s, str(notes.resolve()),
+            for part in unit_parts(todo):
+                units.append(Unit(fs, part, params.timeout_s, str(notes.resolve()),
                                   params.threshold_quantile, params.shared,
                                   params.threshold_folds, index, str(Path.cwd()),
                                   setting.scratch))  # fmt: skip

@@ -22,7 +22,7 @@ from benchmarks.chaos import build_project, chaos_params, env
 from stages.anomaly_maps import read_examples
 from stages.backbones import expected_weights_file, weights_error
 from stages.errors import UserError
-from stages.evaluate import example_images
+from stages.evaluate import Planned, example_images, unit_parts
 from stages.methods import FAMILIES, DetectorConfig, expand_detectors
 from stages.methods.base import Setting, run_setting
 from stages.methods.reconstruction.training import augment
@@ -230,3 +230,15 @@ def test_a_reconstruction_family_without_image_features_is_a_params_error(tmp_pa
         run.stderr[-2000:]
     )
     assert "Traceback" not in run.stderr
+
+
+def test_each_training_is_a_work_unit_of_its_own() -> None:
+    """Trainings spread over the workers (and are recorded one by one); the other
+    families of a feature set stay in one unit, which shares its computation."""
+    knn = config("KNNDistance", n_neighbors=1)
+    exps = [Planned(str(i), False, det, 0) for i, det in
+            enumerate([knn, config("VAE", **TINY), config("ConvAutoencoder", **TINY),
+                       config("KNNDistance", n_neighbors=2)])]  # fmt: skip
+    parts = unit_parts(exps)
+    assert [[e.key for e in p] for p in parts] == [["1"], ["2"], ["0", "3"]]
+    assert unit_parts(exps[:1]) == [tuple(exps[:1])]
