@@ -16,9 +16,12 @@ Writes, under ``report.out``:
   image AUROC, pixel AUROC and AUPRO of four picks among them (oracle by image AUROC, by
   AUPRO; honest LOCO by each), and ``figures/maps_<category>.png``: the best-AUPRO
   experiment's maps over the least and most anomalous good and defective test images
-  (maps from ``evaluate.maps``, images and masks through ``data.index``);
+  (maps from ``evaluate.maps``, images and masks through ``data.index``). When done
+  experiments have learning curves (families that train a network), the section "Trained
+  models" (``stages/report_trained.py``): per category their table,
+  ``figures/curves_<category>.png`` and ``figures/reconstructions_<category>.png``;
 - ``metrics.json`` (for ``dvc metrics show``; ``seed_spread`` per stochastic family;
-  ``pixel`` when experiments made maps),
+  ``pixel`` when experiments made maps; ``trained`` when experiments trained a network),
   ``experiments.csv`` (every experiment, every column) and ``plots/roc/<category>.csv``
   (``fpr,tpr`` of the category's best config, for ``dvc plots``).
 
@@ -901,6 +904,12 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
     ))  # fmt: skip
     if report.pixel is not None:
         parts.append(_pixel_section(report.pixel, engine, figures, maps_dir, index))
+    # imported here: stages.report_trained imports this module
+    from stages.report_trained import trained_section, trained_selection
+
+    trained = trained_selection(engine, done, categories)
+    if trained:  # absent, not empty, when no done experiment has a learning curve
+        parts.append(trained_section(trained, engine, figures, maps_dir, index))
 
     parts.append(_section(
         "Table 5: seconds per detector family",
@@ -1065,6 +1074,10 @@ def report(params_path: str | Path) -> Report:
         )  # fmt: skip
         if pixel is not None:
             result.metrics["pixel"] = pixel_metrics_json(pixel)
+        from stages.report_trained import trained_metrics, trained_selection
+
+        if trained := trained_selection(engine, done, categories):
+            result.metrics["trained"] = trained_metrics(trained)
         out = Path(params.out)
         maps_dir = Path((root.evaluate or {}).get("maps", "results/maps"))
         text = render(result, params, engine, out, Path(root.data.stats_dir), db_url,
