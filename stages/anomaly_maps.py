@@ -164,8 +164,9 @@ def read_examples(maps_dir: str | Path, key: str) -> tuple[list[str], np.ndarray
     try:
         table = pq.read_table(path)
     except FileNotFoundError:
-        raise UserError(f"{path}: no stored reconstructions for experiment {key} (only done "
-                        "experiments of reconstruction families have them)") from None  # fmt: skip
+        raise UserError(f"{path}: no stored reconstructions for experiment {key} (stored by "
+                        "the evaluate stage for done experiments of reconstruction families; "
+                        "rerun it to store them)") from None  # fmt: skip
     except (OSError, pa.ArrowException) as exc:
         raise UserError(f"{path}: unreadable file ({exc}); delete it and rerun the "
                         "evaluate stage") from None  # fmt: skip

@@ -677,8 +677,9 @@ def _pixel_section(pixel: PixelResults, engine: Engine, figures: Path, maps_dir:
     means = pixel_means(pixel)
     labels = dict(PIXEL_PICKS)
     parts = [
-        f"{pixel.experiments} done experiments made anomaly maps (patch families and anomalib's models), in "
-        f"{n_cat} categor{'y' if n_cat == 1 else 'ies'}. They are scored per pixel in the "
+        f"{pixel.experiments} done experiments made anomaly maps (patch families, anomalib's "
+        f"models, reconstruction families), in {n_cat} categor{'y' if n_cat == 1 else 'ies'}. "
+        "They are scored per pixel in the "
         "model's 224 x 224 input: *pixel AUROC* over every pixel of every test image, "
         "*AUPRO* the mean overlap with each defect region up to a false positive rate of "
         "0.3 (normalised to [0, 1]). Four picks per category, among these experiments only: "
