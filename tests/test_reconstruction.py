@@ -18,7 +18,7 @@ import pytest
 import torch
 from torchvision.models import ResNet18_Weights
 
-from benchmarks.chaos import build_project, chaos_params, env
+from benchmarks.chaos import env
 from stages.anomaly_maps import read_examples
 from stages.backbones import expected_weights_file, weights_error
 from stages.errors import UserError
@@ -26,8 +26,8 @@ from stages.evaluate import Planned, example_images, unit_parts
 from stages.methods import FAMILIES, DetectorConfig, expand_detectors
 from stages.methods.base import Setting, run_setting
 from stages.methods.reconstruction.training import augment
-
-TINY = {"image_size": 32, "depth": 3, "latent_channels": 4, "epochs": 2, "batch_size": 4}
+from tests.recon_fixtures import EPOCHS as RECON_EPOCHS
+from tests.recon_fixtures import TINY, repro, trained_project
 
 
 def config(family: str, **kwargs: object) -> DetectorConfig:
@@ -131,32 +131,7 @@ def test_example_images_are_a_good_one_then_one_per_defect_type() -> None:
 
 
 # --- in the stage ---------------------------------------------------------------------------
-EPOCHS = 30
-
-
-def _project(folder: Path, extractors: list[dict] | None = None) -> Path:
-    """One synthetic category: ConvAutoencoder for ``EPOCHS`` epochs (the one killed), a
-    VAE and an EncoderAutoencoder of 2 epochs."""
-    params = chaos_params(("weave",))
-    params["augment"]["transforms"]["weave"] = []
-    params["synth"].update(n_train=12)
-    params["extract"]["extractors"] = extractors or [
-        {"backbone": "pixels", "init": "none", "layers": ["rgb64"], "representations": ["image"]}
-    ]
-    params["evaluate"]["detectors"] = [
-        {"family": "ConvAutoencoder", "fixed": {**TINY, "epochs": EPOCHS, "image_size": 64}},
-        {"family": "VAE", "fixed": TINY},
-        {"family": "EncoderAutoencoder", "fixed": {"backbone": "resnet18", "init": "random",
-                                                   "layer": "layer2", "image_size": 32,
-                                                   "epochs": 2, "batch_size": 4}},
-    ]  # fmt: skip
-    params["evaluate"]["engine"]["n_workers"] = 1
-    return build_project(folder / "project", params)
-
-
-def _repro(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dvc", "repro", *args], cwd=project, env=env(),
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+EPOCHS = RECON_EPOCHS["ConvAutoencoder"]
 
 
 def _results(project: Path) -> dict[str, tuple]:
@@ -172,27 +147,24 @@ def _results(project: Path) -> dict[str, tuple]:
                 for id_, key, family, status, pixel, f1 in rows}  # fmt: skip
 
 
-def test_a_training_killed_mid_epoch_resumes_to_the_same_scores(tmp_path: Path) -> None:
+def test_a_training_killed_mid_epoch_resumes_to_the_same_scores(tmp_path: Path,
+                                                                trained: Path) -> None:  # fmt: skip
     """SIGKILL of the stage (its worker with it) after a few epochs' checkpoints: the rerun
     says from which epoch it resumes; every experiment is done with pixel metrics, an
-    honest F1, its curve and examples; scores and losses equal an uninterrupted run's;
-    the checkpoints are removed."""
-    reference = _project(tmp_path / "ref")
-    done = _repro(reference)
-    assert done.returncode == 0, done.stderr[-3000:]
-    expected = _results(reference)
-    assert sorted(v[0] for v in expected.values()) == ["ConvAutoencoder", "EncoderAutoencoder",
-                                                       "VAE"]  # fmt: skip
+    honest F1, its curve and examples; scores and losses equal an uninterrupted run's
+    (``trained``); the checkpoints are removed."""
+    expected = _results(trained)
+    assert sorted(v[0] for v in expected.values()) == sorted(RECON_EPOCHS)
     for family, status, pixel, f1, scores, epochs in expected.values():
         assert status == "done" and pixel and f1 and len(scores) > 0, family
-        assert len(epochs) == (EPOCHS if family == "ConvAutoencoder" else 2)
+        assert len(epochs) == RECON_EPOCHS[family]
         assert all(val is not None for _, _, val in epochs)
     key = next(k for k, v in expected.items() if v[0] == "ConvAutoencoder")
-    ids, inputs, recons = read_examples(reference / "results/maps", key)
+    ids, inputs, recons = read_examples(trained / "results/maps", key)
     assert len(ids) == 4 and inputs.shape == recons.shape == (4, 3, 64, 64)
 
-    project = _project(tmp_path / "chaos")
-    assert _repro(project, "extract").returncode == 0
+    project = trained_project(tmp_path / "chaos")
+    assert repro(project, "extract").returncode == 0
     log = tmp_path / "evaluate.log"
     with open(log, "w") as out:
         run = subprocess.Popen([sys.executable, "-m", "stages.evaluate"], cwd=project, env=env(),
@@ -210,7 +182,7 @@ def test_a_training_killed_mid_epoch_resumes_to_the_same_scores(tmp_path: Path) 
         os.killpg(run.pid, signal.SIGKILL)
         run.wait()
     assert 3 <= epoch < EPOCHS
-    rerun = _repro(project)
+    rerun = repro(project)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     resumed = [line for line in (rerun.stdout + rerun.stderr).splitlines()
                if "resuming training from epoch" in line]  # fmt: skip
@@ -221,9 +193,9 @@ def test_a_training_killed_mid_epoch_resumes_to_the_same_scores(tmp_path: Path) 
 
 def test_a_reconstruction_family_without_image_features_is_a_params_error(tmp_path: Path) -> None:
     """No image feature set: the evaluate stage names the detectors entry, in one line."""
-    project = _project(tmp_path, [{"backbone": "pixels", "init": "none", "layers": ["gray16"],
-                                   "representations": ["flatten"]}])  # fmt: skip
-    run = _repro(project)
+    project = trained_project(tmp_path, [{"backbone": "pixels", "init": "none",
+                                          "layers": ["gray16"], "representations": ["flatten"]}])  # fmt: skip
+    run = repro(project)
     assert run.returncode != 0
     lines = [line for line in run.stderr.splitlines() if "evaluate.detectors[0]" in line]
     assert lines and "ConvAutoencoder" in lines[0] and "representation image" in lines[0], (

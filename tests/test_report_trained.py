@@ -1,7 +1,7 @@
 """The report's "Trained models" section (``stages/report_trained.py``).
 
 End to end: a tiny synthetic project (one category; ConvAutoencoder, VAE and
-EncoderAutoencoder of 2-3 epochs) through ``dvc repro``; the section's table equals the
+EncoderAutoencoder of a few epochs, ``tests.recon_fixtures``) through ``dvc repro``; the section's table equals the
 database's numbers (direct SQL), both figures are drawn, ``metrics.json`` names the best.
 On the hand-made workspace of ``tests/test_query_map.py``: no section without learning
 curves, and a one-line note (no crash) for a trained experiment whose examples are missing.
@@ -13,25 +13,19 @@ import dataclasses
 import json
 import math
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.chaos import build_project, chaos_params, env
 from stages.report import report
 from stages.report_trained import example_rows
 from stages.results_db import open_db, upsert
+from tests.recon_fixtures import CATEGORY, EPOCHS
 from tests.test_query_map import IMAGES, _row, key_of, pixel_workspace
 
 SECTION = "## Trained models"
-CATEGORY = "weave"
-TINY = {"image_size": 32, "depth": 3, "latent_channels": 4, "epochs": 2, "batch_size": 4}
-# detector_name of each family's config: one trains 3 epochs, so the epochs column differs.
-EPOCHS = {"ConvAutoencoder": 3, "VAE": 2, "EncoderAutoencoder": 2}
 
 
 def _section(root: Path) -> str:
@@ -47,27 +41,10 @@ def _table(section: str, heading: str) -> list[list[str]]:
     return [[c.strip() for c in ln.strip("|").split(" | ")] for ln in block.splitlines()[2:]]
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    params = chaos_params((CATEGORY,))
-    params["augment"]["transforms"][CATEGORY] = []
-    params["synth"].update(n_train=12)
-    params["extract"]["extractors"] = [
-        {"backbone": "pixels", "init": "none", "layers": ["rgb64"], "representations": ["image"]}
-    ]
-    params["evaluate"]["detectors"] = [
-        {"family": "ConvAutoencoder", "fixed": {**TINY, "epochs": EPOCHS["ConvAutoencoder"]}},
-        {"family": "VAE", "fixed": TINY},
-        {"family": "EncoderAutoencoder", "fixed": {"backbone": "resnet18", "init": "random",
-                                                   "layer": "layer2", "image_size": 32,
-                                                   "epochs": 2, "batch_size": 4}},
-    ]  # fmt: skip
-    params["evaluate"]["engine"]["n_workers"] = 1
-    root = build_project(tmp_path_factory.mktemp("trained") / "project", params)
-    run = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=env(),
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    return root
+@pytest.fixture
+def project(trained: Path) -> Path:
+    """The session's project that trained the three families (``tests.recon_fixtures``)."""
+    return trained
 
 
 def _expected(root: Path) -> list[tuple]:
