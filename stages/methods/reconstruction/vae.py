@@ -19,31 +19,23 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from stages.methods.base import PositiveInt
-from stages.methods.reconstruction.base import (
-    ReconstructionFamily,
-    ReconstructionHyper,
-    power_of_two_error,
+from stages.methods.reconstruction.conv_autoencoder import (
+    ConvAutoencoderFamily,
+    ConvAutoencoderHyper,
 )
 from stages.methods.reconstruction.networks import VAE, Reconstruction
 
 
-class VAEHyper(ReconstructionHyper):
-    depth: Annotated[int, Field(ge=1, le=7)] = 4
-    base_channels: PositiveInt = 32
-    latent_channels: PositiveInt = 16
+class VAEHyper(ConvAutoencoderHyper):
     kl_weight: Annotated[float, Field(ge=0)] = 1.0
     score_kl: bool = False
 
 
-class VAEFamily(ReconstructionFamily):
+class VAEFamily(ConvAutoencoderFamily):
+    """The ConvAutoencoder's hyperparameters and checks, a Gaussian latent."""
+
     name = "VAE"
     hyper = VAEHyper
-
-    def check(self, hp: VAEHyper) -> None:
-        error = power_of_two_error(hp, hp.depth)
-        if error:
-            raise error
 
     def network(self, hp: VAEHyper, seed: int) -> nn.Module:
         return VAE(hp.base_channels, hp.depth, hp.latent_channels)
