@@ -114,6 +114,7 @@ from distributed import Client
 from pydantic import Field, ValidationError, field_validator
 from tqdm import tqdm
 
+from stages import few_labels
 from stages.anomaly_maps import MAP_SIZE, grid_path, load_masks, write_examples, write_grids
 from stages.augment import INDEX as AUGMENT_INDEX
 from stages.augment import check_augment_index, train_originals
@@ -348,7 +349,10 @@ def _honest_metrics(
     """Threshold metrics: honest from the out-of-fold training scores, in-sample from the
     fitted model's own training scores (for comparison), oracle from the test labels."""
     in_sample = threshold_metrics(y, scores, outcome.train_scores, quantile)
-    out = threshold_metrics(y, scores, outcome.oof_scores, quantile) if folds else in_sample
+    if outcome.threshold is not None:  # a classifier's own threshold
+        out = threshold_metrics(y, scores, None, quantile, outcome.threshold)
+    else:
+        out = threshold_metrics(y, scores, outcome.oof_scores, quantile) if folds else in_sample
     out.update({f"{f}_insample": in_sample[f"{f}_honest"] for f in THRESHOLD_FIELDS})
     return {"threshold_quantile": quantile, "threshold_folds": folds, **out}
 
@@ -505,6 +509,10 @@ def _per_config_rows(
                 X_train, X_test, [e.detector for e in group], seed
             )
             holdout = FAMILIES[family].holdout
+            if FAMILIES[family].labelled:
+                rows += [labelled_row(unit, exp, X_train, X_test, y, meta, per_image, crop)
+                         for exp in group]  # fmt: skip
+                continue
             for exp in group:
                 setting = Setting(unit.index, unit.workdir, unit.scratch, crop,
                                   unit.features.category, exp.key)  # fmt: skip
@@ -522,6 +530,29 @@ def _per_config_rows(
                     shutil.rmtree(training_dir(setting.scratch, exp.key), ignore_errors=True)
                 rows.append(_finish(unit, exp, outcome, y, meta, per_image, masks, crop))
     return rows
+
+
+def labelled_row(unit: Unit, exp: Planned, X_train: np.ndarray, X_test: np.ndarray,
+                 y: np.ndarray, meta: dict[str, Any], per_image: dict[str, Any],
+                 crop: bool) -> ExperimentRow:  # fmt: skip
+    """One experiment of a ``labelled`` family (the few-labels protocol, ``stages.few_labels``):
+    trained on the good training images and the labelled pool images, evaluated on the
+    held-out test images only (its row's test images, scores and metrics are theirs)."""
+    family = FAMILIES[exp.detector.family]
+    hp = family.hyperparams(exp.detector)
+    part = few_labels.split(per_image["defect_types"], hp.label_fraction, hp.eval_fraction,
+                            hp.split_seed)  # fmt: skip
+    setting = Setting(unit.index, unit.workdir, unit.scratch, crop, unit.features.category,
+                      exp.key)  # fmt: skip
+    with deadline(unit.timeout_s, Path(unit.notes) / f"{exp.key}.json"), run_setting(setting):
+        outcome = family.fit_labelled(X_train, X_test[part.labelled], y[part.labelled],
+                                      X_test[part.held], exp.detector, exp.seed)  # fmt: skip
+    if setting.scratch:
+        shutil.rmtree(training_dir(setting.scratch, exp.key), ignore_errors=True)
+    held = part.held.tolist()
+    subset = {k: [v[i] for i in held] for k, v in per_image.items()}
+    return _finish(unit, exp, outcome, y[part.held], {**meta, "n_test": len(held)}, subset,
+                   None, crop)  # fmt: skip
 
 
 def _put_maps(into: np.ndarray | None, n_train: int, held: np.ndarray,
@@ -957,11 +988,11 @@ class Recorder:
 
 def unit_parts(experiments: Sequence[Planned]) -> list[tuple[Planned, ...]]:
     """The work units of one feature set's pending experiments: an experiment of a family
-    that trains a network (``Family.holdout``) is a unit of its own, so trainings spread
+    that trains a model per experiment (``Family.trains``) is a unit of its own, so trainings spread
     over the workers and each is recorded when it ends; the rest stay together (they share
     the unit's computation). Trainings first: the longest tasks start earliest."""
-    trains = [(e,) for e in experiments if FAMILIES[e.detector.family].holdout]
-    rest = tuple(e for e in experiments if not FAMILIES[e.detector.family].holdout)
+    trains = [(e,) for e in experiments if FAMILIES[e.detector.family].trains]
+    rest = tuple(e for e in experiments if not FAMILIES[e.detector.family].trains)
     return trains + ([rest] if rest else [])
 
 
@@ -1099,7 +1130,8 @@ def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, lis
         for key in (*other_q, *other_f):
             known[key] = "stale"  # threshold metrics computed otherwise: rerun
         lost = [e.key for fs, exps in grid if has_maps(fs.representation) for e in exps
-                if known.get(e.key) == "done" and not grid_path(params.maps, e.key).is_file()]  # fmt: skip
+                if known.get(e.key) == "done" and FAMILIES[e.detector.family].maps
+                and not grid_path(params.maps, e.key).is_file()]  # fmt: skip
         for key in lost:
             known[key] = "maps"
         if lost:

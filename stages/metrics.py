@@ -196,11 +196,16 @@ def oracle_threshold(y: np.ndarray, scores: np.ndarray) -> float:
 
 
 def threshold_metrics(
-    y: np.ndarray, scores: np.ndarray, train_scores: np.ndarray | None, quantile: float
+    y: np.ndarray,
+    scores: np.ndarray,
+    train_scores: np.ndarray | None,
+    quantile: float,
+    threshold: float | None = None,
 ) -> dict[str, float | int | None]:
     """``<field>_honest`` and ``<field>_oracle`` for every field of ``THRESHOLD_FIELDS``.
 
-    The honest ones are ``None`` without training scores. Test and training scores are
+    The honest ones are ``None`` without training scores, unless ``threshold`` gives the
+    honest threshold itself (a classifier's own, fixed without test labels). Test and training scores are
     made tie-safe together (:func:`tie_safe_scores`), so a test score tied with the honest
     threshold is not above it, and each threshold is the largest score of its tie group.
     """
@@ -212,7 +217,9 @@ def threshold_metrics(
         scores = tie_safe_scores(scores)
     out: dict[str, float | int | None] = {}
     thresholds = {"oracle": oracle_threshold(y, scores)}
-    if train_scores is not None and len(train_scores):
+    if threshold is not None:
+        thresholds["honest"] = float(threshold)
+    elif train_scores is not None and len(train_scores):
         thresholds["honest"] = honest_threshold(train_scores, quantile)
     for kind in THRESHOLD_KINDS:
         t = thresholds.get(kind)

@@ -110,6 +110,9 @@ class Outcome:
     # ``epochs`` table; and, per test image, the model's input and its reconstruction
     # ((n_test, 3, h, w) uint8) for the report's figure (the stage keeps a few).
     curve: list[dict[str, float | int | None]] | None = None
+    # A classifier's decision threshold on its scores, fixed without the evaluation labels
+    # (e.g. probability 0.5): the honest threshold metrics use it instead of a quantile.
+    threshold: float | None = None
     inputs: np.ndarray | None = None
     reconstructions: np.ndarray | None = None
 
@@ -255,6 +258,11 @@ class Family:
     # scores the test rows and the held-out ones (the honest threshold's input), as
     # anomalib splits a validation set off the training images.
     holdout: ClassVar[bool] = False
+    # Learns from labelled test images (the few-labels protocol, stages.few_labels): its
+    # config carries the protocol's hyperparameters; the stage trains it on the good
+    # training images and the labelled pool images (``fit_labelled``) and evaluates it on
+    # the held-out part of the test images only.
+    labelled: ClassVar[bool] = False
     # The shared path fails the whole group, as scikit-learn's input check does, when a
     # query row has a non-finite feature (a family whose estimator accepts NaN sets False).
     needs_finite: ClassVar[bool] = True
@@ -304,6 +312,25 @@ class Family:
     def prepare(self, configs: Sequence[DetectorConfig], setting: Setting) -> None:
         """Build what ``configs`` share before their work units run (in the stage, once):
         e.g. a distilled teacher. By default nothing."""
+
+    @property
+    def maps(self) -> bool:
+        """Whether its done experiments store anomaly maps (patch and image families; a
+        ``labelled`` one is evaluated on whole images only)."""
+        return (self.patch or self.images) and not self.labelled
+
+    @property
+    def trains(self) -> bool:
+        """Whether each config trains a model of its own per experiment (a work unit of its
+        own: ``holdout`` and ``labelled`` families)."""
+        return self.holdout or self.labelled
+
+    def fit_labelled(self, X_good: np.ndarray, X_labelled: np.ndarray, y_labelled: np.ndarray,
+                     X_eval: np.ndarray, config: DetectorConfig, seed: int) -> Outcome:  # fmt: skip
+        """A ``labelled`` family: train on the good training images ``X_good`` and the
+        labelled test images (``y_labelled``: True = anomalous), then score ``X_eval``
+        (higher = more anomalous); ``Outcome.threshold``: its own decision threshold."""
+        raise NotImplementedError
 
     # --- the plain reference: one estimator per config ----------------------------------
     def estimator(self, params: dict[str, Any], seed: int) -> BaseEstimator:
