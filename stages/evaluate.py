@@ -540,8 +540,8 @@ def labelled_row(unit: Unit, exp: Planned, X_train: np.ndarray, X_test: np.ndarr
     held-out test images only (its row's test images, scores and metrics are theirs)."""
     family = FAMILIES[exp.detector.family]
     hp = family.hyperparams(exp.detector)
-    part = few_labels.split(per_image["defect_types"], hp.label_fraction, hp.eval_fraction,
-                            hp.split_seed)  # fmt: skip
+    part = few_labels.split(per_image["image_ids"], per_image["defect_types"],
+                            hp.label_fraction, hp.eval_fraction, hp.split_seed)  # fmt: skip
     setting = Setting(unit.index, unit.workdir, unit.scratch, crop, unit.features.category,
                       exp.key)  # fmt: skip
     with deadline(unit.timeout_s, Path(unit.notes) / f"{exp.key}.json"), run_setting(setting):

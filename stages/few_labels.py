@@ -57,17 +57,23 @@ def _order(indices: np.ndarray, split_seed: int, defect_type: str, salt: int) ->
     return indices[rng.permutation(len(indices))]
 
 
-def split(defect_types: Sequence[str], label_fraction: float, eval_fraction: float = 0.5,
-          split_seed: int = 0) -> Split:  # fmt: skip
-    """The held-out part, the pool and its labelled images of one category's test images."""
+def split(image_ids: Sequence[str], defect_types: Sequence[str], label_fraction: float,
+          eval_fraction: float = 0.5, split_seed: int = 0) -> Split:  # fmt: skip
+    """The held-out part, the pool and its labelled images of one category's test images
+    (positions in the given order; the split itself depends on the image ids, not on their
+    order, so a report can recompute it from the database's images)."""
     types = np.asarray(defect_types, dtype=object)
+    ids = np.asarray(image_ids, dtype=object)
     held, pool, labelled = [], [], []
     for defect_type in sorted(set(types.tolist())):
-        order = _order(np.flatnonzero(types == defect_type), split_seed, defect_type, 0)
+        members = np.flatnonzero(types == defect_type)
+        members = members[np.argsort(ids[members], kind="stable")]
+        order = _order(members, split_seed, defect_type, 0)
         n = len(order)
         n_held = min(max(round(eval_fraction * n), 1), n - 1) if n >= 2 else 0
         held.append(order[:n_held])
-        rest = _order(np.sort(order[n_held:]), split_seed, defect_type, 1)
+        rest = order[n_held:]
+        rest = _order(rest[np.argsort(ids[rest], kind="stable")], split_seed, defect_type, 1)
         pool.append(rest)
         labelled.append(rest[: max(math.ceil(label_fraction * len(rest) - 1e-9), 1)])
     return Split(*(np.sort(np.concatenate(parts)).astype(np.int64)
