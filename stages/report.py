@@ -20,8 +20,15 @@ Writes, under ``report.out``:
   experiments have learning curves (families that train a network), the section "Trained
   models" (``stages/report_trained.py``): per category their table,
   ``figures/curves_<category>.png`` and ``figures/reconstructions_<category>.png``;
+- with experiments of families that learn from labelled test images (the few-labels
+  protocol), the section "With a few labels" (``stages/report_few_labels.py``): per
+  category those rows and the best one-class experiment by AUROC on the same labelled
+  images, all on the protocol's held-out images, and ``figures/few_labels_<category>.png``
+  (ROC and PR curves); such rows are in no other table (theirs is a subset of the test
+  images);
 - ``metrics.json`` (for ``dvc metrics show``; ``seed_spread`` per stochastic family;
-  ``pixel`` when experiments made maps; ``trained`` when experiments trained a network),
+  ``pixel`` when experiments made maps; ``trained`` when experiments trained a network;
+  ``few_labels`` with labelled experiments),
   ``experiments.csv`` (every experiment, every column) and ``plots/roc/<category>.csv``
   (``fpr,tpr`` of the category's best config, for ``dvc plots``).
 
@@ -51,7 +58,7 @@ import re
 import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -743,6 +750,9 @@ class Report:
     seed_spread: list[dict[str, Any]]
     metrics: dict[str, Any]
     pixel: PixelResults | None = None  # None: no experiment made anomaly maps
+    # Labelled families' rows (evaluated on a held-out part only: in no table above) as the
+    # "With a few labels" section's lines per category (stages.report_few_labels).
+    few_labels: dict[str, Any] = field(default_factory=dict)
 
 
 def build_metrics(rows: Sequence[dict[str, Any]], categories: Sequence[str],
@@ -911,6 +921,10 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
     trained = trained_selection(engine, done, categories)
     if trained:  # absent, not empty, when no done experiment has a learning curve
         parts.append(trained_section(trained, engine, figures, maps_dir, index))
+    if report.few_labels:
+        from stages.report_few_labels import few_labels_section
+
+        parts.append(few_labels_section(report.few_labels, figures))
 
     parts.append(_section(
         "Table 5: seconds per detector family",
@@ -1060,7 +1074,11 @@ def report(params_path: str | Path) -> Report:
         if not rows:  # said in the report (and here), not a failure: nothing is done yet
             log.warning("%s: no experiments stored (scope %s); the report says so",
                         db_url, params.scope)  # fmt: skip
-        done = latest_done(rows)
+        from stages.report_few_labels import few_labels_lines, few_labels_metrics, is_labelled
+
+        both = latest_done(rows)
+        done = [r for r in both if not is_labelled(r)]  # all test images: the tables' rows
+        few = [r for r in both if is_labelled(r)]  # a held-out part only: their own section
         categories = ordered_categories(done, root.data.categories)
         best = best_per_category(done)
         loco = loco_selection(done, categories)
@@ -1075,6 +1093,9 @@ def report(params_path: str | Path) -> Report:
         )  # fmt: skip
         if pixel is not None:
             result.metrics["pixel"] = pixel_metrics_json(pixel)
+        if few:
+            result.few_labels = few_labels_lines(engine, few, done)
+            result.metrics["few_labels"] = few_labels_metrics(result.few_labels)
         from stages.report_trained import trained_metrics, trained_selection
 
         if trained := trained_selection(engine, done, categories):

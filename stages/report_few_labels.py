@@ -1,0 +1,233 @@
+"""The report's section "With a few labels": methods that learn from labelled defects
+(``Family.labelled``; the few-labels protocol of ``stages.few_labels``) next to the best
+one-class detector, on the same held-out test images.
+
+Their rows are evaluated on the protocol's held-out part only, so they never enter the
+one-class tables (Table 4, the top experiments, ...), which are over all test images. Here,
+per category, protocol (``eval_fraction``, ``split_seed``) and label fraction:
+
+- each labelled experiment: ROC-AUC, PR-AUC, and at its own threshold (a classifier's 0.5)
+  accuracy, precision, recall, F1, specificity and the confusion matrix;
+- the *one-class pick*: among the category's done one-class experiments, the one with the
+  best AUROC on the labelled pool images (the labels the labelled methods learn from, so
+  the comparison uses the same labels and no held-out one), scored on the held-out images
+  from its stored test scores, at its honest threshold (``threshold_honest``);
+- ``figures/few_labels_<category>.png``: ROC and precision-recall curves of those rows on
+  the held-out images.
+
+``metrics.json`` gets ``few_labels``: per category the best labelled row and the one-class
+pick at each label fraction (F1 and ROC-AUC).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import precision_recall_curve, roc_curve
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from stages.few_labels import FewLabelsHyper, split
+from stages.methods import FAMILIES
+from stages.metrics import confusion_metrics, predict, ranking_metrics, ranking_scores
+from stages.report import _save, _section, fmt, md_table
+from stages.results_db import Experiment, Image, Score
+
+
+def is_labelled(row: dict[str, Any]) -> bool:
+    """Whether a stored experiment's family learns from labelled test images."""
+    family = FAMILIES.get(str(row.get("detector")))
+    return bool(family is not None and family.labelled)
+
+
+def protocol(row: dict[str, Any]) -> FewLabelsHyper:
+    """The protocol values a labelled experiment ran with (defaults filled in)."""
+    params = json.loads(row["hyperparams"])
+    names = FewLabelsHyper.model_fields
+    return FewLabelsHyper.model_validate({k: v for k, v in params.items() if k in names})
+
+
+@dataclass
+class Line:
+    """One row of the section's table, with the held-out images' labels and scores."""
+
+    name: str
+    kind: str  # "labelled" or "one-class pick"
+    label_fraction: float
+    n_labelled: int
+    key: str
+    y: np.ndarray
+    scores: np.ndarray
+    threshold: float | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _metrics(y: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict[str, Any]:
+    out: dict[str, Any] = dict(ranking_metrics(y, scores))
+    if threshold is not None:
+        counts = confusion_metrics(y, predict(scores, threshold))
+        negatives = counts["tn"] + counts["fp"]
+        out.update(counts, specificity=counts["tn"] / negatives if negatives else None)
+    return out
+
+
+def _images(engine: Engine, category: str) -> tuple[list[str], list[str], dict[str, bool]]:
+    query = select(Image.image_id, Image.defect_type, Image.is_anomaly).where(
+        Image.category == category).order_by(Image.image_id)  # fmt: skip
+    with Session(engine) as session:
+        rows = list(session.execute(query))
+    return [r[0] for r in rows], [r[1] for r in rows], {r[0]: bool(r[2]) for r in rows}
+
+
+def _scores(engine: Engine, keys: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``key -> image_id -> score`` (NaN for NULL) of the given experiments."""
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    query = (select(Experiment.key, Image.image_id, Score.score)
+             .join(Score, Score.experiment == Experiment.id).join(Image, Image.id == Score.image)
+             .where(Experiment.key.in_(list(keys))))  # fmt: skip
+    with Session(engine) as session:
+        for key, image, score in session.execute(query):
+            out[key][image] = np.nan if score is None else score
+    return out
+
+
+def _pick(candidates: Sequence[dict[str, Any]], scores: dict[str, dict[str, float]],
+          labelled: list[str], y_of: dict[str, bool]) -> dict[str, Any] | None:  # fmt: skip
+    """The one-class experiment with the best AUROC on the labelled images (ties: key)."""
+    y = np.array([y_of[i] for i in labelled])
+    if not 0 < y.sum() < len(y):
+        return None  # one class among the labels: nothing to choose by
+    best, best_auroc = None, -1.0
+    for row in candidates:  # ordered by key
+        got = scores.get(row["key"], {})
+        if not all(i in got for i in labelled):
+            continue
+        auroc = ranking_metrics(y, np.array([got[i] for i in labelled]))["auroc"]
+        if auroc is not None and auroc > best_auroc:
+            best, best_auroc = row, auroc
+    return best
+
+
+def few_labels_lines(engine: Engine, few: Sequence[dict[str, Any]],
+                     one_class: Sequence[dict[str, Any]]) -> dict[str, list[Line]]:  # fmt: skip
+    """Per category, its table's lines: each labelled experiment, then per protocol and
+    label fraction the one-class pick, all on the held-out images of their protocol."""
+    out: dict[str, list[Line]] = {}
+    for category in sorted({r["category"] for r in few}):
+        ids, types, y_of = _images(engine, category)
+        rows = sorted((r for r in few if r["category"] == category), key=lambda r: r["key"])
+        candidates = [r for r in one_class if r["category"] == category]
+        scores = _scores(engine, [r["key"] for r in rows + candidates])
+        lines, picks = [], {}
+        for row in rows:
+            hp = protocol(row)
+            part = split(ids, types, hp.label_fraction, hp.eval_fraction, hp.split_seed)
+            held = [ids[i] for i in part.held]
+            y = np.array([y_of[i] for i in held])
+            got = scores.get(row["key"], {})
+            s = np.array([got.get(i, np.nan) for i in held])
+            lines.append(Line(row["detector_name"], "labelled", hp.label_fraction,
+                              len(part.labelled), row["key"], y, s, row["threshold_honest"]))  # fmt: skip
+            slot = (hp.label_fraction, hp.eval_fraction, hp.split_seed)
+            if slot not in picks:
+                labelled = [ids[i] for i in part.labelled]
+                pick = _pick(candidates, scores, labelled, y_of)
+                if pick is not None:
+                    s = np.array([scores[pick["key"]].get(i, np.nan) for i in held])
+                    picks[slot] = Line(f"{pick['detector_name']} on {pick['backbone']}-"
+                                       f"{pick['init']} {pick['layer']} {pick['representation']}"
+                                       f"{', augmented' if pick['augmented'] else ''}",
+                                       "one-class pick", hp.label_fraction, len(labelled),
+                                       pick["key"], y, s, pick["threshold_honest"])  # fmt: skip
+        for line in [*lines, *picks.values()]:
+            line.metrics = _metrics(line.y, line.scores, line.threshold)
+        out[category] = sorted([*lines, *picks.values()],
+                               key=lambda ln: (ln.label_fraction, ln.kind, ln.name))  # fmt: skip
+    return out
+
+
+def figure_curves(category: str, lines: Sequence[Line], path: Path) -> None:
+    """ROC and precision-recall curves of the lines on the held-out images."""
+    fig = Figure(figsize=(11, 4.8 + 0.28 * len(lines)))
+    roc_ax, pr_ax = fig.subplots(1, 2)
+    for i, line in enumerate(lines):
+        if not 0 < line.y.sum() < len(line.y):
+            continue
+        ranked = ranking_scores(line.scores)
+        fpr, tpr, _ = roc_curve(line.y, ranked)
+        precision, recall, _ = precision_recall_curve(line.y, ranked)
+        style = "-" if line.kind == "labelled" else "--"
+        label = (f"{line.name} ({line.kind}, {line.label_fraction:g} labels): "
+                 f"ROC-AUC {fmt(line.metrics.get('auroc'), 3)}")  # fmt: skip
+        roc_ax.plot(fpr, tpr, style, color=f"C{i % 10}", label=label)
+        pr_ax.plot(recall, precision, style, color=f"C{i % 10}")
+    roc_ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=0.8)
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+    pr_ax.set(xlabel="recall", ylabel="precision", title="precision-recall", ylim=(0, 1.02))
+    fig.suptitle(f"{category}: held-out test images (dashed: one-class pick)")
+    fig.legend(loc="lower center", ncol=1, fontsize=8, frameon=False)
+    fig.subplots_adjust(bottom=0.12 + 0.055 * len(lines), top=0.88, wspace=0.25)
+    _save(fig, path)
+
+
+def file_name(category: str) -> str:
+    return f"few_labels_{re.sub(r'[^A-Za-z0-9_.-]', '_', category)}.png"
+
+
+def few_labels_section(by_category: dict[str, list[Line]], figures: Path) -> str:
+    """The section's Markdown; draws its figures into ``figures``."""
+    header = ["method", "kind", "label fraction", "labelled", "held-out", "ROC-AUC", "PR-AUC",
+              "F1", "accuracy", "precision", "recall", "specificity", "TP/FP/TN/FN", "key"]  # fmt: skip
+    parts = ["Methods that learn from labelled defects (the few-labels protocol: each "
+             "category's test images split, stratified by defect type and seeded, into a "
+             "pool and a held-out part; `label_fraction` of the pool is labelled), on the "
+             "held-out images only, next to the *one-class pick*: the one-class experiment "
+             "with the best AUROC on the same labelled pool images, scored on the same "
+             "held-out images at its honest threshold. A labelled method's threshold is its "
+             "own (probability 0.5). These rows are in no other table: those are over all "
+             "test images."]  # fmt: skip
+    for category, lines in by_category.items():
+        rows = []
+        for ln in lines:
+            m = ln.metrics
+            counts = ("/".join(str(m[k]) for k in ("tp", "fp", "tn", "fn"))
+                      if "tp" in m else "-")  # fmt: skip
+            rows.append([ln.name, ln.kind, f"{ln.label_fraction:g}", ln.n_labelled, len(ln.y),
+                         fmt(m.get("auroc")), fmt(m.get("average_precision")), fmt(m.get("f1")),
+                         fmt(m.get("accuracy")), fmt(m.get("precision")), fmt(m.get("recall")),
+                         fmt(m.get("specificity")), counts, f"`{ln.key[:12]}`"])  # fmt: skip
+        name = file_name(category)
+        figure_curves(category, lines, figures / name)
+        parts.append(f"### {category}\n\n{md_table(header, rows)}\n\n"
+                     f"![ROC and PR curves of {category}](figures/{name})")  # fmt: skip
+    return _section("With a few labels", *parts)
+
+
+def few_labels_metrics(by_category: dict[str, list[Line]]) -> dict[str, Any]:
+    """``metrics.json``'s ``few_labels``: per category and label fraction, the best
+    labelled row (by F1) and the one-class pick."""
+    out: dict[str, Any] = {}
+    for category, lines in by_category.items():
+        entry: dict[str, Any] = {}
+        for fraction in sorted({ln.label_fraction for ln in lines}):
+            at = [ln for ln in lines if ln.label_fraction == fraction]
+            labelled = [ln for ln in at if ln.kind == "labelled"]
+            pick = [ln for ln in at if ln.kind != "labelled"]
+            best = max(labelled, key=lambda ln: ln.metrics.get("f1") or -1.0, default=None)
+            entry[f"{fraction:g}"] = {
+                "labelled": None if best is None else {"name": best.name, "f1": best.metrics.get(
+                    "f1"), "auroc": best.metrics.get("auroc")},
+                "one_class_pick": None if not pick else {"name": pick[0].name, "f1": pick[0]
+                    .metrics.get("f1"), "auroc": pick[0].metrics.get("auroc")},
+            }  # fmt: skip
+        out[category] = entry
+    return out
