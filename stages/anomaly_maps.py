@@ -176,6 +176,43 @@ def read_examples(maps_dir: str | Path, key: str) -> tuple[list[str], np.ndarray
     return table.column("image_id").to_pylist(), out[0], out[1]
 
 
+# --- embeddings (a labelled family's per-image features) -----------------------------------
+def embedding_path(maps_dir: str | Path, key: str) -> Path:
+    """Where the test images' embeddings of experiment ``key`` are stored."""
+    return Path(maps_dir) / key[:2] / f"{key}.embeddings.parquet"
+
+
+def write_embeddings(maps_dir: str | Path, key: str, image_ids: Sequence[str],
+                     values: np.ndarray) -> Path:  # fmt: skip
+    """Store ``(n, d)`` float32 embeddings of ``image_ids`` (atomically)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if values.ndim != 2 or len(values) != len(image_ids):
+        raise ValueError(f"embeddings {values.shape} do not match {len(image_ids)} images")
+    column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    table = pa.table({"image_id": pa.array(list(image_ids), pa.string()), "embedding": column})
+    path = embedding_path(maps_dir, key)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return path
+
+
+def read_embeddings(maps_dir: str | Path, key: str) -> tuple[list[str], np.ndarray]:
+    """``(image_ids, embeddings (n, d) float32)`` of one experiment; ``UserError`` if absent."""
+    path = embedding_path(maps_dir, key)
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no stored embeddings for experiment {key} (stored by the "
+                        "evaluate stage for done experiments of labelled families; rerun "
+                        "it to store them)") from None  # fmt: skip
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"{path}: unreadable file ({exc}); delete it and rerun the evaluate "
+                        "stage") from None  # fmt: skip
+    column = table.column("embedding").combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return table.column("image_id").to_pylist(), values.reshape(table.num_rows, -1)
+
+
 # --- pictures ------------------------------------------------------------------------------
 def overlay(
     image: np.ndarray, amap: np.ndarray, mask: np.ndarray, vmin: float, vmax: float

@@ -115,7 +115,14 @@ from pydantic import Field, ValidationError, field_validator
 from tqdm import tqdm
 
 from stages import few_labels
-from stages.anomaly_maps import MAP_SIZE, grid_path, load_masks, write_examples, write_grids
+from stages.anomaly_maps import (
+    MAP_SIZE,
+    grid_path,
+    load_masks,
+    write_embeddings,
+    write_examples,
+    write_grids,
+)
 from stages.augment import INDEX as AUGMENT_INDEX
 from stages.augment import check_augment_index, train_originals
 from stages.dataset import read_index
@@ -510,8 +517,8 @@ def _per_config_rows(
             )
             holdout = FAMILIES[family].holdout
             if FAMILIES[family].labelled:
-                rows += [labelled_row(unit, exp, X_train, X_test, y, meta, per_image, crop)
-                         for exp in group]  # fmt: skip
+                rows += [labelled_row(unit, exp, X_train, X_test, y, meta, per_image, masks,
+                                      crop) for exp in group]  # fmt: skip
                 continue
             for exp in group:
                 setting = Setting(unit.index, unit.workdir, unit.scratch, crop,
@@ -534,10 +541,11 @@ def _per_config_rows(
 
 def labelled_row(unit: Unit, exp: Planned, X_train: np.ndarray, X_test: np.ndarray,
                  y: np.ndarray, meta: dict[str, Any], per_image: dict[str, Any],
-                 crop: bool) -> ExperimentRow:  # fmt: skip
+                 masks: np.ndarray | None, crop: bool) -> ExperimentRow:  # fmt: skip
     """One experiment of a ``labelled`` family (the few-labels protocol, ``stages.few_labels``):
     trained on the good training images and the labelled pool images, evaluated on the
-    held-out test images only (its row's test images, scores and metrics are theirs)."""
+    held-out test images only (its row's test images, scores, metrics, maps and
+    embeddings are theirs)."""
     family = FAMILIES[exp.detector.family]
     hp = family.hyperparams(exp.detector)
     part = few_labels.split(per_image["image_ids"], per_image["defect_types"],
@@ -552,7 +560,7 @@ def labelled_row(unit: Unit, exp: Planned, X_train: np.ndarray, X_test: np.ndarr
     held = part.held.tolist()
     subset = {k: [v[i] for i in held] for k, v in per_image.items()}
     return _finish(unit, exp, outcome, y[part.held], {**meta, "n_test": len(held)}, subset,
-                   None, crop)  # fmt: skip
+                   None if masks is None else masks[part.held], crop)  # fmt: skip
 
 
 def _put_maps(into: np.ndarray | None, n_train: int, held: np.ndarray,
@@ -617,6 +625,8 @@ def _finish(unit: Unit, exp: Planned, outcome: Outcome, y: np.ndarray, meta: dic
     if row.status != "done":
         return row
     row = replace(row, **per_image, curve=list(outcome.curve or []))
+    if outcome.embeddings is not None and len(outcome.embeddings) == len(per_image["image_ids"]):
+        row.embeddings = {"image_ids": per_image["image_ids"], "values": outcome.embeddings}
     if outcome.inputs is not None and outcome.reconstructions is not None:
         pick = example_images(per_image["defect_types"])
         row.examples = {"image_ids": [per_image["image_ids"][i] for i in pick],
@@ -972,6 +982,8 @@ class Recorder:
                 write_grids(self.maps, row.key, row.image_ids, row.grids, row.grid_meta)
             if row.status == "done" and row.examples:
                 write_examples(self.maps, row.key, **row.examples)
+            if row.status == "done" and row.embeddings:
+                write_embeddings(self.maps, row.key, **row.embeddings)
         upsert(self.engine, rows, self.version)
         self.counts.update(r.status for r in rows)
         self.bar.set_postfix({k: self.counts[k] for k in sorted(self.counts)}, refresh=False)

@@ -924,7 +924,9 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
     if report.few_labels:
         from stages.report_few_labels import few_labels_section
 
-        parts.append(few_labels_section(report.few_labels, figures))
+        few_rows = {r["key"]: r for r in report.rows}
+        parts.append(few_labels_section(report.few_labels, few_rows, engine, figures,
+                                        maps_dir, index))  # fmt: skip
 
     parts.append(_section(
         "Table 5: seconds per detector family",

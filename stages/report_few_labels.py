@@ -13,7 +13,11 @@ per category, protocol (``eval_fraction``, ``split_seed``) and label fraction:
   the comparison uses the same labels and no held-out one), scored on the held-out images
   from its stored test scores, at its honest threshold (``threshold_honest``);
 - ``figures/few_labels_<category>.png``: ROC and precision-recall curves of those rows on
-  the held-out images.
+  the held-out images;
+- ``figures/tsne_<category>.png``: t-SNE of each labelled family's (best config by F1)
+  embeddings of the held-out images, coloured by defect type;
+- ``figures/gradcam_<category>.png``: the best labelled config's Grad-CAM over held-out
+  images (its least and most anomalous good and defective ones).
 
 ``metrics.json`` gets ``few_labels``: per category the best labelled row and the one-class
 pick at each label fraction (F1 and ROC-AUC).
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +41,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from stages.errors import UserError
 from stages.few_labels import FewLabelsHyper, split
 from stages.methods import FAMILIES
 from stages.metrics import confusion_metrics, predict, ranking_metrics, ranking_scores
@@ -179,12 +185,94 @@ def figure_curves(category: str, lines: Sequence[Line], path: Path) -> None:
     _save(fig, path)
 
 
-def file_name(category: str) -> str:
-    return f"few_labels_{re.sub(r'[^A-Za-z0-9_.-]', '_', category)}.png"
+def file_name(category: str, kind: str = "few_labels") -> str:
+    return f"{kind}_{re.sub(r'[^A-Za-z0-9_.-]', '_', category)}.png"
 
 
-def few_labels_section(by_category: dict[str, list[Line]], figures: Path) -> str:
-    """The section's Markdown; draws its figures into ``figures``."""
+def best_per_method(lines: Sequence[Line], rows: dict[str, dict[str, Any]]) -> list[Line]:
+    """Each labelled family's best line by F1 (ties: ROC-AUC, key), best first."""
+    best: dict[str, Line] = {}
+    for ln in lines:
+        if ln.kind != "labelled":
+            continue
+        family = rows[ln.key]["detector"]
+        rank = (ln.metrics.get("f1") or -1.0, ln.metrics.get("auroc") or -1.0)
+        cur = best.get(family)
+        if cur is None or rank > (cur.metrics.get("f1") or -1.0, cur.metrics.get("auroc") or -1.0):
+            best[family] = ln
+    return sorted(best.values(), key=lambda ln: -(ln.metrics.get("f1") or -1.0))
+
+
+def figure_tsne(category: str, panels: Sequence[tuple[str, list[str], np.ndarray]],
+                types: dict[str, str], path: Path) -> None:  # fmt: skip
+    """t-SNE (scikit-learn, seeded) of each method's held-out embeddings, by defect type."""
+    from sklearn.manifold import TSNE
+
+    names = sorted({types[i] for _, ids, _ in panels for i in ids})
+    colours = {t: f"C{k % 10}" for k, t in enumerate(names)}
+    fig = Figure(figsize=(4.6 * len(panels) + 1.6, 4.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, ids, values) in zip(axes, panels, strict=True):
+        perplexity = float(min(30, max(2, (len(ids) - 1) // 3)))
+        xy = TSNE(2, perplexity=perplexity, init="pca", random_state=0).fit_transform(values)
+        for t in names:
+            at = [k for k, i in enumerate(ids) if types[i] == t]
+            if at:
+                ax.scatter(xy[at, 0], xy[at, 1], s=22, color=colours[t], label=t,
+                           marker="o" if t == "good" else "^")  # fmt: skip
+        ax.set_title(textwrap.fill(title, 48), fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", title="defect type", fontsize=9)
+    fig.suptitle(f"{category}: t-SNE of the held-out images' embeddings (perplexity "
+                 f"<= 30, seed 0)", fontsize=10)  # fmt: skip
+    _save(fig, path)
+
+
+def _figures(category: str, lines: Sequence[Line], rows: dict[str, dict[str, Any]],
+             engine: Engine, figures: Path, maps_dir: Path, index: Path) -> list[str]:  # fmt: skip
+    """t-SNE and Grad-CAM figures of the category's best labelled line per method."""
+    from stages.anomaly_maps import read_embeddings
+    from stages.report import draw_category_maps
+
+    parts = []
+    best = best_per_method(lines, rows)
+    types = dict(zip(*_images(engine, category)[:2], strict=True))
+    panels = []
+    for ln in best:
+        try:
+            ids, values = read_embeddings(maps_dir, ln.key)
+        except UserError as exc:
+            parts.append(f"No t-SNE panel for `{ln.key[:12]}`: {exc}")
+            continue
+        if len(ids) >= 4:
+            panels.append((f"{ln.name} (F1 {fmt(ln.metrics.get('f1'), 3)})", ids, values))
+    if panels:
+        name = file_name(category, "tsne")
+        figure_tsne(category, panels, types, figures / name)
+        parts.append(f"![t-SNE of {category}](figures/{name})\n\nt-SNE of each labelled "
+                     "method's embeddings of the held-out images (its best config by F1), "
+                     "coloured by defect type.")  # fmt: skip
+    if best:
+        top = best[0]
+        name = file_name(category, "gradcam")
+        try:
+            caption = draw_category_maps(engine, rows[top.key], maps_dir, index, figures / name)
+        except UserError as exc:
+            parts.append(f"No Grad-CAM figure for {category}: {exc}")
+        else:
+            parts.append(f"![Grad-CAM of {category}](figures/{name})\n\nGrad-CAM of the best "
+                         f"labelled config by F1 (`{top.key[:12]}`, threshold "
+                         f"{fmt(top.threshold, 2)}: a score above it is classified "
+                         f"anomalous) over held-out images. {caption}.")  # fmt: skip
+    return parts
+
+
+def few_labels_section(by_category: dict[str, list[Line]], rows: dict[str, dict[str, Any]],
+                       engine: Engine, figures: Path, maps_dir: Path, index: Path) -> str:  # fmt: skip
+    """The section's Markdown; draws its figures into ``figures`` (``rows``: the labelled
+    experiments by key)."""
     header = ["method", "kind", "label fraction", "labelled", "held-out", "ROC-AUC", "PR-AUC",
               "F1", "accuracy", "precision", "recall", "specificity", "TP/FP/TN/FN", "key"]  # fmt: skip
     parts = ["Methods that learn from labelled defects (the few-labels protocol: each "
@@ -196,19 +284,20 @@ def few_labels_section(by_category: dict[str, list[Line]], figures: Path) -> str
              "own (probability 0.5). These rows are in no other table: those are over all "
              "test images."]  # fmt: skip
     for category, lines in by_category.items():
-        rows = []
+        table = []
         for ln in lines:
             m = ln.metrics
             counts = ("/".join(str(m[k]) for k in ("tp", "fp", "tn", "fn"))
                       if "tp" in m else "-")  # fmt: skip
-            rows.append([ln.name, ln.kind, f"{ln.label_fraction:g}", ln.n_labelled, len(ln.y),
+            table.append([ln.name, ln.kind, f"{ln.label_fraction:g}", ln.n_labelled, len(ln.y),
                          fmt(m.get("auroc")), fmt(m.get("average_precision")), fmt(m.get("f1")),
                          fmt(m.get("accuracy")), fmt(m.get("precision")), fmt(m.get("recall")),
                          fmt(m.get("specificity")), counts, f"`{ln.key[:12]}`"])  # fmt: skip
         name = file_name(category)
         figure_curves(category, lines, figures / name)
-        parts.append(f"### {category}\n\n{md_table(header, rows)}\n\n"
+        parts.append(f"### {category}\n\n{md_table(header, table)}\n\n"
                      f"![ROC and PR curves of {category}](figures/{name})")  # fmt: skip
+        parts += _figures(category, lines, rows, engine, figures, maps_dir, index)
     return _section("With a few labels", *parts)
 
 

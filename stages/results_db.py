@@ -258,6 +258,7 @@ class ExperimentRow:
     # inputs and reconstructions, stored beside the grids (``stages.anomaly_maps``).
     curve: list[dict[str, Any]] = field(default_factory=list)
     examples: dict[str, Any] = field(default_factory=dict)
+    embeddings: dict[str, Any] = field(default_factory=dict)  # image_ids, values (n, d)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

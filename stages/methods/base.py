@@ -113,6 +113,9 @@ class Outcome:
     # A classifier's decision threshold on its scores, fixed without the evaluation labels
     # (e.g. probability 0.5): the honest threshold metrics use it instead of a quantile.
     threshold: float | None = None
+    # Per test image, the model's embedding (n_test, d) (a labelled family's penultimate
+    # features), stored beside the maps for the report's t-SNE.
+    embeddings: np.ndarray | None = None
     inputs: np.ndarray | None = None
     reconstructions: np.ndarray | None = None
 
@@ -261,7 +264,7 @@ class Family:
     # Learns from labelled test images (the few-labels protocol, stages.few_labels): its
     # config carries the protocol's hyperparameters; the stage trains it on the good
     # training images and the labelled pool images (``fit_labelled``) and evaluates it on
-    # the held-out part of the test images only.
+    # the held-out part of the test images only (scores, maps: its Grad-CAM, embeddings).
     labelled: ClassVar[bool] = False
     # The shared path fails the whole group, as scikit-learn's input check does, when a
     # query row has a non-finite feature (a family whose estimator accepts NaN sets False).
@@ -315,9 +318,9 @@ class Family:
 
     @property
     def maps(self) -> bool:
-        """Whether its done experiments store anomaly maps (patch and image families; a
-        ``labelled`` one is evaluated on whole images only)."""
-        return (self.patch or self.images) and not self.labelled
+        """Whether its done experiments store anomaly maps (patch and image families:
+        residuals, patch distances, a classifier's Grad-CAM)."""
+        return self.patch or self.images
 
     @property
     def trains(self) -> bool:
