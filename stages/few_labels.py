@@ -31,7 +31,7 @@ from typing import Annotated
 import numpy as np
 from pydantic import Field
 
-from stages.methods.base import Fraction, Hyper
+from stages.hyper import Fraction, Hyper
 
 
 class FewLabelsHyper(Hyper):

@@ -27,31 +27,21 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import InvalidParameterError
 
 from stages.errors import UserError
+from stages.hyper import Fraction, Hyper, PositiveFloat, PositiveInt  # noqa: F401 (re-exported)
 from stages.io import stable_hash
 from stages.patch.maps import SIGMA
 
 if TYPE_CHECKING:
     from stages.methods.unit import Needs, UnitData
-
-PositiveInt = Annotated[int, Field(ge=1)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(gt=0, le=1)]
-
-
-class Hyper(BaseModel):
-    """Hyperparameters of one family; strict, so ``n_neighbors: 2.5`` or ``"8"`` is an error."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 @dataclass(frozen=True)
