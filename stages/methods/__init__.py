@@ -31,6 +31,7 @@ from stages.methods.iforest import IsolationForestFamily
 from stages.methods.kde import KernelDensityFamily
 from stages.methods.kmeans import KMeansDistanceFamily
 from stages.methods.knn import KNNDistanceFamily
+from stages.methods.labelled import SimCLRProbeFamily, SupervisedCNNFamily
 from stages.methods.lof import LocalOutlierFactorFamily
 from stages.methods.mahalanobis import MahalanobisFamily
 from stages.methods.ocsvm import OneClassSVMFamily
@@ -69,6 +70,8 @@ FAMILIES: dict[str, Family] = {
         ConvAutoencoderFamily,
         VAEFamily,
         EncoderAutoencoderFamily,
+        SupervisedCNNFamily,
+        SimCLRProbeFamily,
         CrashFamily,
         HangFamily,
     )
