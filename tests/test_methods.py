@@ -81,7 +81,7 @@ def test_every_family_is_one_module_with_reference_and_shared_path():
         assert module.startswith("stages.methods.") and module != "stages.methods.base", name
         config = DetectorConfig(name, ())
         family.hyperparams(config)  # every hyperparameter has a default
-        if family.holdout:  # trains a network per config: nothing to share between them
+        if family.trains:  # trains a network per config: nothing to share between them
             assert not family.shares(config) and not family.test_only, name
             continue
         assert family.estimator(config.kwargs, 0) is not None
