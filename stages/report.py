@@ -654,7 +654,7 @@ def figure_maps(maps: ExperimentMaps, panels: Sequence[tuple[str, str]],
     fig.colorbar(ScalarMappable(Normalize(maps.vmin, maps.vmax), colormaps["jet"]),
                  ax=list(axes), shrink=0.8, pad=0.015, label="anomaly map value")  # fmt: skip
     exp = maps.exp
-    detector = textwrap.shorten(exp["detector_name"], 60, placeholder="...")
+    detector = textwrap.shorten(exp["detector_name"].replace(",", ", "), 70, placeholder="...")
     fig.suptitle(f"{maps.category}: {detector}, {extractor_label(exp)} (AUPRO "
                  f"{fmt(exp['aupro'], 3)}); scale: min to max of its {len(maps.image_ids)} "
                  "test maps; mask outlined in white", fontsize=10)  # fmt: skip

@@ -163,7 +163,7 @@ def few_labels_lines(engine: Engine, few: Sequence[dict[str, Any]],
 
 def figure_curves(category: str, lines: Sequence[Line], path: Path) -> None:
     """ROC and precision-recall curves of the lines on the held-out images."""
-    fig = Figure(figsize=(11, 4.8 + 0.28 * len(lines)))
+    fig = Figure(figsize=(11, 4.4 + 0.3 * len(lines)), layout="constrained")
     roc_ax, pr_ax = fig.subplots(1, 2)
     for i, line in enumerate(lines):
         if not 0 < line.y.sum() < len(line.y):
@@ -172,16 +172,15 @@ def figure_curves(category: str, lines: Sequence[Line], path: Path) -> None:
         fpr, tpr, _ = roc_curve(line.y, ranked)
         precision, recall, _ = precision_recall_curve(line.y, ranked)
         style = "-" if line.kind == "labelled" else "--"
-        label = (f"{line.name} ({line.kind}, {line.label_fraction:g} labels): "
-                 f"ROC-AUC {fmt(line.metrics.get('auroc'), 3)}")  # fmt: skip
+        label = (f"{line.kind}, label fraction {line.label_fraction:g}: ROC-AUC "
+                 f"{fmt(line.metrics.get('auroc'), 3)}, {line.name}")  # fmt: skip
         roc_ax.plot(fpr, tpr, style, color=f"C{i % 10}", label=label)
         pr_ax.plot(recall, precision, style, color=f"C{i % 10}")
     roc_ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=0.8)
     roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
     pr_ax.set(xlabel="recall", ylabel="precision", title="precision-recall", ylim=(0, 1.02))
     fig.suptitle(f"{category}: held-out test images (dashed: one-class pick)")
-    fig.legend(loc="lower center", ncol=1, fontsize=8, frameon=False)
-    fig.subplots_adjust(bottom=0.12 + 0.055 * len(lines), top=0.88, wspace=0.25)
+    fig.legend(loc="outside lower center", ncol=1, fontsize=8, frameon=False)
     _save(fig, path)
 
 
@@ -220,7 +219,7 @@ def figure_tsne(category: str, panels: Sequence[tuple[str, list[str], np.ndarray
             if at:
                 ax.scatter(xy[at, 0], xy[at, 1], s=22, color=colours[t], label=t,
                            marker="o" if t == "good" else "^")  # fmt: skip
-        ax.set_title(textwrap.fill(title, 48), fontsize=9)
+        ax.set_title(textwrap.fill(title.replace(",", ", "), 56), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     handles, labels = axes[0].get_legend_handles_labels()
@@ -273,7 +272,7 @@ def few_labels_section(by_category: dict[str, list[Line]], rows: dict[str, dict[
                        engine: Engine, figures: Path, maps_dir: Path, index: Path) -> str:  # fmt: skip
     """The section's Markdown; draws its figures into ``figures`` (``rows``: the labelled
     experiments by key)."""
-    header = ["method", "kind", "label fraction", "labelled", "held-out", "ROC-AUC", "PR-AUC",
+    header = ["method", "kind", "label fraction", "n labelled", "n held-out", "ROC-AUC", "PR-AUC",
               "F1", "accuracy", "precision", "recall", "specificity", "TP/FP/TN/FN", "key"]  # fmt: skip
     parts = ["Methods that learn from labelled defects (the few-labels protocol: each "
              "category's test images split, stratified by defect type and seeded, into a "

@@ -7,6 +7,7 @@ scores."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -113,6 +114,28 @@ def test_training_is_seeded_and_scores_are_probabilities(tmp_path: Path, family:
     assert [e["epoch"] for e in a.curve] == [1, 2]
     has_val = family == "SupervisedCNN"
     assert all((e["val_loss"] is not None) == has_val for e in a.curve)
+    # Grad-CAM maps at image_size, bitwise repeatable, each within [0, its probability]
+    assert a.maps.shape == (5, TINY["image_size"], TINY["image_size"])
+    assert np.array_equal(a.maps, b.maps) and (a.maps >= 0).all()
+    assert (a.maps.max(axis=(1, 2)) <= a.scores.astype(np.float32) + 1e-6).all()
+
+
+def test_the_probe_as_a_linear_layer_gives_the_probes_probabilities() -> None:
+    """SimCLRProbe's Grad-CAM differentiates the probe as a torch layer: the same logit
+    (float32 against scikit-learn's float64: within 1e-5)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from stages.methods.labelled.simclr_probe import probe_layer
+
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(40, 6)) * [1, 2, 3, 4, 5, 6] + 3
+    y = Z[:, 0] + rng.normal(size=40) > 3
+    probe = make_pipeline(StandardScaler(), LogisticRegression()).fit(Z, y)
+    with torch.no_grad():
+        logit = probe_layer(probe)(torch.from_numpy(Z).float())[:, 0].double().numpy()
+    np.testing.assert_allclose(1 / (1 + np.exp(-logit)), probe.predict_proba(Z)[:, 1], atol=1e-5)
 
 
 def test_without_an_anomalous_label_the_experiment_fails_with_a_reason() -> None:
@@ -190,9 +213,12 @@ def _params() -> dict:
     params["augment"]["transforms"][CATEGORY] = []
     params["synth"].update(n_train=8)
     params["extract"]["extractors"] = [
-        {"backbone": "pixels", "init": "none", "layers": ["rgb64"], "representations": ["image"]}
-    ]
+        {"backbone": "pixels", "init": "none", "layers": ["rgb64"], "representations": ["image"]},
+        {"backbone": "pixels", "init": "none", "layers": ["gray16"],
+         "representations": ["flatten"]},
+    ]  # fmt: skip
     params["evaluate"]["detectors"] = [
+        {"family": "KNNDistance", "grid": {"n_neighbors": [1, 2]}},  # the one-class picks
         {"family": "SupervisedCNN", "grid": {"label_fraction": FRACTIONS},
          "fixed": {**TINY, "epochs": EPOCHS["SupervisedCNN"], "patience": 0}},
         {"family": "SimCLRProbe", "grid": {"label_fraction": FRACTIONS},
@@ -227,10 +253,11 @@ def _test_images(project: Path) -> tuple[list[str], list[str]]:
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny project whose ``dvc repro evaluate`` trained both families for two label
-    fractions (run once: the stage test's subject and the kill test's reference)."""
+    """A tiny project whose ``dvc repro`` trained both families for two label fractions
+    next to two one-class configs, and wrote the report (run once: the stage and report
+    tests' subject and the kill test's reference)."""
     project = build_project(tmp_path_factory.mktemp("labelled") / "project", _params())
-    run = repro(project, "evaluate")
+    run = repro(project)
     assert run.returncode == 0, run.stderr[-3000:]
     return project
 
@@ -243,6 +270,7 @@ def test_the_stage_scores_the_held_out_part_only(staged: Path) -> None:
     ids, types = _test_images(staged)
     held = sorted(ids[i] for i in split(ids, types, 0.1).held)  # default eval_fraction, seed
     assert 0 < len(held) < len(ids)
+    results = {k: v for k, v in results.items() if v[0] in FAMILY_NAMES}
     assert sorted(v[0] for v in results.values()) == sorted(FAMILY_NAMES * len(FRACTIONS))
     for family, hp, status, n_test, scores, losses in results.values():
         assert status == "done", (family, hp)
@@ -283,3 +311,29 @@ def test_a_training_killed_mid_way_resumes_to_the_same_scores(tmp_path: Path,
     assert any(f"of {EPOCHS['SupervisedCNN']}" in line for line in resumed), rerun.stderr[-3000:]
     assert _results(project) == expected
     assert not list(training.iterdir())
+
+
+@pytest.mark.slow
+def test_the_report_compares_them_with_the_one_class_pick_on_the_held_out_images(
+    staged: Path,
+) -> None:
+    """The labelled rows are in their own report section (not in the one-class tables),
+    next to the one-class pick, with their figures; their Grad-CAM maps give pixel metrics
+    and their embeddings are stored."""
+    report = (staged / "results/report.md").read_text()
+    section = report.split("## With a few labels", 1)[1].split("\n## ", 1)[0]
+    assert section.count("| labelled | ") == len(FAMILY_NAMES) * len(FRACTIONS)
+    assert section.count("| one-class pick |") == len(FRACTIONS)
+    assert "KNNDistance" in section
+    table4 = report.split("## Table 4", 1)[1].split("\n## ", 1)[0]
+    assert not any(name in table4 for name in FAMILY_NAMES)
+    for kind in ("few_labels", "tsne", "gradcam"):
+        assert (staged / f"results/figures/{kind}_{CATEGORY}.png").is_file(), kind
+    metrics = json.loads((staged / "results/metrics.json").read_text())["few_labels"]
+    assert set(metrics[CATEGORY]) == {f"{f:g}" for f in FRACTIONS}
+    with sqlite3.connect(staged / "results/results.sqlite") as db:
+        rows = db.execute("SELECT key, pixel_auroc FROM experiments WHERE detector IN "
+                          "('SupervisedCNN', 'SimCLRProbe')").fetchall()  # fmt: skip
+    assert rows and all(pixel is not None for _, pixel in rows)
+    for key, _ in rows:
+        assert (staged / "results/maps" / key[:2] / f"{key}.embeddings.parquet").is_file()

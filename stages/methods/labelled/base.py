@@ -17,7 +17,8 @@ pooled backbone encoder, and the one experiment's train-then-score.
 - **Scores.** Each family's probability that an image is anomalous; its decision
   threshold is 0.5 (``Outcome.threshold``: the honest threshold, fixed without the
   evaluation labels). With them, each evaluation image's embedding (the classifier's
-  penultimate features: ``Outcome.embeddings``, for the report's t-SNE).
+  penultimate features: ``Outcome.embeddings``, for the report's t-SNE) and its Grad-CAM
+  at the encoder's deepest block (:mod:`.grad_cam`): the anomaly map of the pixel metrics.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ from stages.methods.reconstruction.training import resize
 
 THRESHOLD = 0.5  # a probability of "anomalous": the classifiers' own decision threshold
 MIN_SIZE = 16
-# Resized (n, 3, S, S) images -> (n,) probabilities of "anomalous" and (n, d) embeddings.
-Scorer = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
+# Resized (n, 3, S, S) images -> (n,) probabilities of "anomalous", (n, d) embeddings and
+# (n, S, S) Grad-CAM anomaly maps.
+Scorer = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 class LabelledHyper(FewLabelsHyper):
@@ -90,6 +92,22 @@ def parameter_blocks(extractor: nn.Module, nodes: list[str]) -> dict[str, int]:
             for i, name in enumerate(names)}  # fmt: skip
 
 
+class FeatureMap(nn.Module):
+    """Images (B, 3, S, S) in [0, 1] -> the backbone's ``layer`` activation (B, C, h, w),
+    normalised with the backbone's statistics: one module, so Grad-CAM can hook its output
+    (the traced extractor inlines the layer's own modules)."""
+
+    def __init__(self, extractor: nn.Module, layer: str, mean: tuple[float, ...],
+                 std: tuple[float, ...]) -> None:  # fmt: skip
+        super().__init__()
+        self.extractor, self.layer = extractor, layer
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extractor((x - self.mean) / self.std)[self.layer]
+
+
 class Encoder(nn.Module):
     """Images (B, 3, S, S) in [0, 1] -> (B, dim): the backbone's deepest registered layer,
     average-pooled; its ``unfreeze`` deepest blocks train."""
@@ -97,17 +115,16 @@ class Encoder(nn.Module):
     def __init__(self, backbone: str, init: str, unfreeze: int, seed: int) -> None:
         super().__init__()
         spec = BACKBONES[backbone]
-        self.layer = list(spec.layers)[-1]
-        self.extractor = build_extractor(backbone, init, [self.layer], seed)
-        self.dim = activation_shapes(backbone, [self.layer])[self.layer][0]
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
-        blocks = parameter_blocks(self.extractor, list(spec.layers.values()))
+        layer = list(spec.layers)[-1]
+        extractor = build_extractor(backbone, init, [layer], seed)
+        self.dim = activation_shapes(backbone, [layer])[layer][0]
+        self.features = FeatureMap(extractor, layer, spec.mean, spec.std)
+        blocks = parameter_blocks(extractor, list(spec.layers.values()))
         first = len(spec.layers) - unfreeze
-        for name, p in self.extractor.named_parameters():
+        for name, p in extractor.named_parameters():
             p.requires_grad_(blocks[name] >= first)
         # modules whose own parameters are all frozen stay in eval mode (BatchNorm statistics)
-        self._frozen = [m for m in self.extractor.modules()
+        self._frozen = [m for m in extractor.modules()
                         if (own := list(m.parameters(recurse=False)))
                         and not any(p.requires_grad for p in own)]  # fmt: skip
 
@@ -118,7 +135,7 @@ class Encoder(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.extractor((x - self.mean) / self.std)[self.layer].mean(dim=(2, 3))
+        return self.features(x).mean(dim=(2, 3))
 
 
 @torch.no_grad()
@@ -191,11 +208,12 @@ class LabelledFamily(Family):
                                       resize(X_labelled, hp.image_size), y, seed,
                                       checkpoint_dir(setting), label)  # fmt: skip
             t1 = time.perf_counter()
-            scores, embeddings = score(resize(X_eval, hp.image_size))
+            scores, embeddings, maps = score(resize(X_eval, hp.image_size))
             t2 = time.perf_counter()
         except UserError:
             raise
         except Exception as exc:
             return Outcome(None, time.perf_counter() - t0, 0.0, error_text(exc))
         return Outcome(np.asarray(scores, dtype=np.float64), t1 - t0, t2 - t1, curve=curve,
-                       threshold=THRESHOLD, embeddings=np.asarray(embeddings, np.float32))  # fmt: skip
+                       threshold=THRESHOLD, embeddings=np.asarray(embeddings, np.float32),
+                       maps=maps)  # fmt: skip

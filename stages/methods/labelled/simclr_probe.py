@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from stages.methods.labelled.base import (
     Scorer,
     evaluated,
 )
+from stages.methods.labelled.grad_cam import grad_cam
 from stages.methods.labelled.training import batches, train_epochs
 
 Probability = Annotated[float, Field(ge=0, le=1)]
@@ -93,6 +94,21 @@ def to_pil(X: torch.Tensor) -> list:
     return [TF.to_pil_image(img) for img in (X * 255.0).round().clamp(0, 255).to(torch.uint8)]
 
 
+def probe_layer(probe: Any) -> nn.Linear:
+    """The fitted probe (standardisation, then logistic regression) as one linear layer
+    whose output is the logit of "anomalous" (for Grad-CAM's gradients)."""
+    scaler, logistic = probe[0], probe[-1]
+    sign = 1.0 if bool(logistic.classes_[1]) else -1.0
+    w = sign * logistic.coef_[0] / scaler.scale_
+    b = sign * (logistic.intercept_[0] - float(np.dot(logistic.coef_[0] / scaler.scale_,
+                                                       scaler.mean_)))  # fmt: skip
+    layer = nn.Linear(len(w), 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(w).float().view(1, -1))
+        layer.bias.fill_(float(b))
+    return layer
+
+
 class SimCLRProbeFamily(LabelledFamily):
     name = "SimCLRProbe"
     hyper = SimCLRProbeHyper
@@ -138,8 +154,11 @@ class SimCLRProbeFamily(LabelledFamily):
             warnings.simplefilter("ignore", ConvergenceWarning)
             probe.fit(Z, y)
 
-        def score(X: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        def score(X: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             Z = evaluated(net.encoder, X, hp.batch_size).numpy()
-            return probe.predict_proba(Z)[:, list(probe.classes_).index(True)], Z
+            p = probe.predict_proba(Z)[:, list(probe.classes_).index(True)]
+            classifier = nn.Sequential(net.encoder, probe_layer(probe))
+            maps = grad_cam(classifier, net.encoder.features, X, 0, p, hp.batch_size)
+            return p, Z, maps
 
         return score, curve

@@ -16,7 +16,8 @@ few-labels protocol (the document's supervised ResNet-50).
   ``1 / val_fraction`` images), else on the training loss (then every image trains). The
   best epoch's weights score.
 - **Score.** The softmax probability of "anomalous"; the decision threshold is 0.5. The
-  embedding of an image: the head's ``hidden`` features.
+  embedding of an image: the head's ``hidden`` features; its map: Grad-CAM of the
+  "anomalous" logit at the encoder's deepest block.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from stages.methods.labelled.base import (
     Scorer,
     evaluated,
 )
+from stages.methods.labelled.grad_cam import grad_cam
 from stages.methods.labelled.training import batches, train_epochs
 
 VAL_SALT = 0x5EED  # the validation slice's generator: [seed, VAL_SALT] (not an epoch's)
@@ -133,10 +135,12 @@ class SupervisedCNNFamily(LabelledFamily):
         curve = train_epochs(net, optimizer, scheduler, epoch, epochs=hp.epochs, seed=seed,
                              patience=hp.patience, workdir=workdir, label=label)  # fmt: skip
 
-        def score(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        def score(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             hidden = evaluated(net, images, hp.batch_size, net.penultimate)
             with torch.no_grad():
                 logits = net.head[4:](hidden)
-            return logits.softmax(dim=1)[:, 1].numpy(), hidden.numpy()
+            p = logits.softmax(dim=1)[:, 1].numpy()
+            maps = grad_cam(net, net.encoder.features, images, 1, p, hp.batch_size)
+            return p, hidden.numpy(), maps
 
         return score, curve
