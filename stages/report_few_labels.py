@@ -141,7 +141,8 @@ def few_labels_lines(engine: Engine, few: Sequence[dict[str, Any]],
             y = np.array([y_of[i] for i in held])
             got = scores.get(row["key"], {})
             s = np.array([got.get(i, np.nan) for i in held])
-            lines.append(Line(row["detector_name"], "labelled", hp.label_fraction,
+            name = f"{row['detector_name']}{', augmented' if row['augmented'] else ''}"
+            lines.append(Line(name, "labelled", hp.label_fraction,
                               len(part.labelled), row["key"], y, s, row["threshold_honest"]))  # fmt: skip
             slot = (hp.label_fraction, hp.eval_fraction, hp.split_seed)
             if slot not in picks:
