@@ -23,6 +23,7 @@ $(STAMP): $(BIN)/python requirements.txt requirements-dev.txt constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/python -m stages.dvc_locks
 	$(BIN)/dvc repro
 	$(BIN)/dvc status
 

@@ -24,10 +24,11 @@ Finally it checks against the reference: the same experiment keys, statuses and 
 process, ``dvc status`` up to date. Exit status 1 if any check fails.
 
     .venv/bin/python benchmarks/chaos.py --kills 20 --seed 0 [--workdir DIR] [--params FILE]
-        [--anomalib]
+        [--anomalib] [--trained]
 
 ``--anomalib`` adds an anomalib EfficientAd unit to the small params set: a kill in its
-training resumes from the last checkpoint (its restart says from which step).
+training resumes from the last checkpoint (its restart says from which step). ``--trained``
+adds a ConvAutoencoder and a SupervisedCNN unit (few labels), checkpointed every epoch.
 """
 
 from __future__ import annotations
@@ -53,18 +54,24 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from stages.dvc_locks import repair_rwlock  # noqa: E402
+
 BIN = Path(sys.executable).parent
 STAGES = ("synth", "dataset", "augment", "extract", "evaluate", "report")
 RUNNING = re.compile(r"Running stage '(\w+)'")
 DB = "results/results.sqlite"
 SKIPPED = re.compile(
     r"already done|up to date, skipped|: skip |removed \d+ (unfinished )?temp"
-    r"|resuming training from step|already distilled|already trained"
+    r"|resuming training from (step|epoch)|already distilled|already trained"
 )
 
 
 def chaos_params(
-    categories: tuple[str, ...] = ("weave", "chip"), anomalib: bool = False
+    categories: tuple[str, ...] = ("weave", "chip"),
+    anomalib: bool = False,
+    trained: bool = False,
 ) -> dict[str, Any]:
     """params.yaml shrunk so a full run takes about a minute, with several shards per unit.
 
@@ -102,7 +109,7 @@ def chaos_params(
         {"family": "PatchCore", "grid": {"coreset_ratio": [0.1, 1.0]}},
     ]
     params["evaluate"]["engine"]["n_workers"] = 1
-    if anomalib:
+    if anomalib or trained:
         params["extract"]["extractors"].append(
             {
                 "backbone": "pixels",
@@ -111,6 +118,17 @@ def chaos_params(
                 "representations": ["image"],
             }
         )
+    if trained:  # a reconstruction family and a few-labels one, checkpointed every epoch
+        params["evaluate"]["detectors"] += [
+            {"family": "ConvAutoencoder", "fixed": {"image_size": 32, "depth": 3,
+                                                    "latent_channels": 4, "epochs": 20,
+                                                    "batch_size": 4}},
+            {"family": "SupervisedCNN", "fixed": {"backbone": "resnet18", "init": "random",
+                                                  "image_size": 32, "epochs": 15,
+                                                  "batch_size": 4, "patience": 0,
+                                                  "label_fraction": 0.5}},
+        ]  # fmt: skip
+    if anomalib:
         params["evaluate"]["detectors"].append({"family": "Anomalib", "fixed": {
             "model": "EfficientAd", "image_size": 256, "max_steps": 6, "checkpoint_every": 1,
             "calibration_images": 2, "teacher_steps": 4, "teacher_image_size": 64}})  # fmt: skip
@@ -156,6 +174,11 @@ class Run:
 
     @classmethod
     def start(cls, project: Path) -> Run:
+        # what README's "Resuming" tells a user (and `make demo` does) after a kill: DVC's
+        # own rwlock file, cut short by a kill while DVC wrote it, is removed first
+        repaired = repair_rwlock(project)
+        if repaired:
+            print(f"  restart: {repaired}", flush=True)
         proc = subprocess.Popen(
             [str(BIN / "dvc"), "repro"],
             cwd=project,
@@ -368,9 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, help="params.yaml to run (default: a small set)")
     parser.add_argument("--anomalib", action="store_true",
                         help="add an anomalib unit (EfficientAd) to the small set")  # fmt: skip
+    parser.add_argument("--trained", action="store_true",
+                        help="add ConvAutoencoder and SupervisedCNN units (epoch checkpoints)")  # fmt: skip
     args = parser.parse_args(argv)
     params = (yaml.safe_load(args.params.read_text()) if args.params
-              else chaos_params(anomalib=args.anomalib))  # fmt: skip
+              else chaos_params(anomalib=args.anomalib, trained=args.trained))  # fmt: skip
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
