@@ -38,6 +38,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from stages.methods.base import Fraction, PositiveFloat, PositiveInt
+from stages.methods.epochs import batches, train_epochs
 from stages.methods.labelled.base import (
     Encoder,
     LabelledFamily,
@@ -46,7 +47,6 @@ from stages.methods.labelled.base import (
     evaluated,
 )
 from stages.methods.labelled.grad_cam import grad_cam
-from stages.methods.labelled.training import batches, train_epochs
 
 Probability = Annotated[float, Field(ge=0, le=1)]
 

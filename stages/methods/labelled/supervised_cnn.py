@@ -32,6 +32,7 @@ from pydantic import Field
 from torch import nn
 
 from stages.methods.base import PositiveInt
+from stages.methods.epochs import batches, train_epochs
 from stages.methods.labelled.base import (
     Encoder,
     LabelledFamily,
@@ -40,7 +41,6 @@ from stages.methods.labelled.base import (
     evaluated,
 )
 from stages.methods.labelled.grad_cam import grad_cam
-from stages.methods.labelled.training import batches, train_epochs
 
 VAL_SALT = 0x5EED  # the validation slice's generator: [seed, VAL_SALT] (not an epoch's)
 Dropout = Annotated[float, Field(ge=0, lt=1)]

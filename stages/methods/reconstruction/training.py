@@ -1,16 +1,12 @@
 """The training glue of the reconstruction families: a seeded, resumable epoch loop, and
 scoring by reconstruction residuals.
 
-- **Determinism.** Epoch ``e`` draws everything from ``numpy.random.default_rng([seed,
-  e])``: the order of the images, the augmentation of every batch, and the torch seed set
-  before its first step (the VAE's latent samples). The initial weights come from
-  ``torch.manual_seed(seed)``. So a training resumed at epoch ``e`` computes exactly what
-  an uninterrupted one computes from there: same seed and threads, bitwise the same
-  weights and scores (on one machine: BLAS kernels differ between CPUs).
-- **Checkpoints.** After every epoch the weights, the optimizer's state and the learning
-  curve so far are written atomically (``stages.io.atomic_path``) to ``epoch.pt`` in the
-  experiment's training folder: a kill costs at most the epoch under way; a rerun logs
-  ``resuming training from epoch N of M``. An unreadable checkpoint is retrained from 0.
+- **Determinism and checkpoints**: :mod:`stages.methods.epochs` (epoch ``e`` draws the
+  image order, every batch's augmentation and the VAE's samples from ``(seed, e)``; the
+  weights, the optimizer's state and the curve are written atomically after every epoch,
+  and a rerun resumes). The initial weights come from ``torch.manual_seed(seed)``. Same
+  seed and threads: bitwise the same weights and scores (on one machine: BLAS kernels
+  differ between CPUs).
 - **Augmentation** (``train_augment``): per image, a horizontal and a vertical flip each
   with probability 1/2 and a rotation uniform in +-``rotation`` degrees, as one bilinear
   resampling (``affine_grid``/``grid_sample``, reflection padding: no black corners).
@@ -20,8 +16,6 @@ scoring by reconstruction residuals.
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,11 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.io import atomic_path
-from stages.methods.base import say
+from stages.methods.epochs import train_epochs
 from stages.methods.reconstruction.networks import Reconstruction
 
-CHECKPOINT = "epoch.pt"
 Objective = Callable[[torch.Tensor, Reconstruction], torch.Tensor]
 
 
@@ -62,13 +54,6 @@ def augment(x: torch.Tensor, rng: np.random.Generator, degrees: float) -> torch.
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _load(path: Path) -> dict[str, Any] | None:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:
-        return None
-
-
 def _batches(n: int, batch_size: int, order: np.ndarray | None = None) -> list[np.ndarray]:
     idx = np.arange(n) if order is None else order
     return [idx[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -85,34 +70,14 @@ def mean_loss(net: nn.Module, objective: Objective, X: torch.Tensor, batch_size:
 def fit(net: nn.Module, objective: Objective, X: torch.Tensor, X_val: torch.Tensor | None,
         *, epochs: int, lr: float, weight_decay: float, batch_size: int, degrees: float | None,
         seed: int, workdir: Path | None, label: str) -> list[dict[str, Any]]:  # fmt: skip
-    """Train ``net`` (Adam) on ``X`` for ``epochs``, resuming from ``workdir``'s checkpoint;
-    ``degrees``: augment with this rotation range (``None``: no augmentation). Returns the
-    learning curve, one entry per epoch (also those of a previous, interrupted run)."""
+    """Train ``net`` (Adam) on ``X`` for ``epochs`` (:func:`stages.methods.epochs.train_epochs`:
+    seeded per epoch, checkpointed, resumed from ``workdir``); ``degrees``: augment with this
+    rotation range (``None``: no augmentation). Returns the learning curve, one entry per
+    epoch (also those of a previous, interrupted run)."""
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    curve: list[dict[str, Any]] = []
-    start = 0
-    path = workdir / CHECKPOINT if workdir is not None else None
-    if path is not None and path.exists():
-        state = _load(path)
-        if state is None:
-            say(f"{label}: unreadable checkpoint {path}, training from epoch 0")
-        else:
-            net.load_state_dict(state["net"])
-            optimizer.load_state_dict(state["optimizer"])
-            curve, start = state["curve"], int(state["epoch"])
-            if start >= epochs:
-                say(
-                    f"{label}: already trained ({start} epochs, checkpoint {path}), skipping training"
-                )
-            else:
-                say(
-                    f"{label}: resuming training from epoch {start} of {epochs} (checkpoint {path})"
-                )
-    for epoch in range(start, epochs):
-        t0 = time.perf_counter()
-        rng = np.random.default_rng([seed, epoch])
-        torch.manual_seed(int(rng.integers(2**31)))
+
+    def epoch(_: int, rng: np.random.Generator) -> tuple[float, float | None]:
         net.train()
         total = 0.0
         for batch in _batches(len(X), batch_size, rng.permutation(len(X))):
@@ -124,23 +89,11 @@ def fit(net: nn.Module, objective: Objective, X: torch.Tensor, X_val: torch.Tens
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
-        val = (
-            mean_loss(net, objective, X_val, batch_size)
-            if X_val is not None and len(X_val)
-            else None
-        )
-        train_loss = total / len(X)
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch + 1} "
-                                     "(lower lr?)")  # fmt: skip
-        curve.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val,
-                      "seconds": time.perf_counter() - t0})  # fmt: skip
-        if path is not None:
-            state = {"net": net.state_dict(), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch + 1, "curve": curve}  # fmt: skip
-            with atomic_path(path) as tmp:
-                torch.save(state, tmp)
-    return curve
+        has_val = X_val is not None and len(X_val)
+        return total / len(X), mean_loss(net, objective, X_val, batch_size) if has_val else None
+
+    return train_epochs(net, optimizer, None, epoch, epochs=epochs, seed=seed, patience=0,
+                        workdir=workdir, label=label)  # fmt: skip
 
 
 @torch.no_grad()

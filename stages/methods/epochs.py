@@ -1,10 +1,11 @@
-"""The labelled families' training glue: a seeded, resumable epoch loop with optional early
-stopping, whatever one epoch does (a supervised pass, a contrastive one).
+"""The epoch loop of the families that train a network (the reconstruction and the labelled
+ones): seeded, resumable, with optional early stopping, whatever one epoch does (a
+reconstruction pass, a supervised one, a contrastive one).
 
 - **Determinism.** Epoch ``e`` draws everything from ``numpy.random.default_rng([seed,
-  e])`` (as the reconstruction families' loop, :mod:`stages.methods.reconstruction.training`):
-  the epoch function gets that generator (image order, augmentations), and the torch seed
-  is set from it before the epoch starts (dropout, torchvision's random transforms). So a
+  e])``: the epoch function gets that generator (image order, augmentations), and the
+  torch seed is set from it before the epoch starts (dropout, a VAE's samples,
+  torchvision's random transforms). So a
   training resumed at epoch ``e`` computes bitwise what an uninterrupted one computes from
   there (same seed and threads, one machine).
 - **Checkpoints.** After every epoch the model's weights, the optimizer's and the learning
