@@ -133,6 +133,20 @@ def _grid_table(maps_dir: str | Path, key: str) -> pa.Table:
     return table
 
 
+def _stored(path: Path, key: str, what: str, families: str) -> pa.Table:
+    """A per-experiment file the evaluate stage stores beside the grids; a missing or
+    unreadable one is a one-line ``UserError`` saying what to rerun."""
+    try:
+        return pq.read_table(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no stored {what} for experiment {key} (stored by the "
+                        f"evaluate stage for done experiments of {families}; rerun it to "
+                        "store them)") from None  # fmt: skip
+    except (OSError, pa.ArrowException) as exc:
+        raise UserError(f"{path}: unreadable file ({exc}); delete it and rerun the evaluate "
+                        "stage") from None  # fmt: skip
+
+
 # --- reconstructions (families that rebuild their input) ---------------------------------
 def example_path(maps_dir: str | Path, key: str) -> Path:
     """Where a few test images' inputs and reconstructions of experiment ``key`` are stored."""
@@ -160,16 +174,8 @@ def write_examples(maps_dir: str | Path, key: str, image_ids: Sequence[str],
 
 def read_examples(maps_dir: str | Path, key: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """``(image_ids, inputs, reconstructions)`` ((n, 3, h, w) uint8) of one experiment."""
-    path = example_path(maps_dir, key)
-    try:
-        table = pq.read_table(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no stored reconstructions for experiment {key} (stored by "
-                        "the evaluate stage for done experiments of reconstruction families; "
-                        "rerun it to store them)") from None  # fmt: skip
-    except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"{path}: unreadable file ({exc}); delete it and rerun the "
-                        "evaluate stage") from None  # fmt: skip
+    table = _stored(example_path(maps_dir, key), key, "reconstructions",
+                    "reconstruction families")  # fmt: skip
     shape = json.loads((table.schema.metadata or {})[GRID_META])
     out = [table.column(n).combine_chunks().flatten().to_numpy(zero_copy_only=False)
            .reshape(table.num_rows, *shape) for n in ("input", "reconstruction")]  # fmt: skip
@@ -198,16 +204,7 @@ def write_embeddings(maps_dir: str | Path, key: str, image_ids: Sequence[str],
 
 def read_embeddings(maps_dir: str | Path, key: str) -> tuple[list[str], np.ndarray]:
     """``(image_ids, embeddings (n, d) float32)`` of one experiment; ``UserError`` if absent."""
-    path = embedding_path(maps_dir, key)
-    try:
-        table = pq.read_table(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no stored embeddings for experiment {key} (stored by the "
-                        "evaluate stage for done experiments of labelled families; rerun "
-                        "it to store them)") from None  # fmt: skip
-    except (OSError, pa.ArrowException) as exc:
-        raise UserError(f"{path}: unreadable file ({exc}); delete it and rerun the evaluate "
-                        "stage") from None  # fmt: skip
+    table = _stored(embedding_path(maps_dir, key), key, "embeddings", "labelled families")
     column = table.column("embedding").combine_chunks()
     values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     return table.column("image_id").to_pylist(), values.reshape(table.num_rows, -1)
