@@ -92,8 +92,14 @@ def _dask_config(params: EngineParams) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def dask_client(params: EngineParams) -> Iterator[Client]:
+def dask_client(
+    params: EngineParams, resources: dict[str, float] | None = None
+) -> Iterator[Client]:
     """A client on ``params.address``, or on a LocalCluster this context starts and stops.
+
+    ``resources``: Dask worker resources each local worker offers (e.g. ``{"GPU": 1}``), so
+    units submitted with ``run_units(resources=...)`` run only where they fit; a remote
+    cluster's workers declare theirs themselves (``dask worker --resources GPU=1``).
 
     A remote scheduler should be started with ``DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0``
     so crashing units fail fast (otherwise each crash is retried on other workers first).
@@ -114,6 +120,7 @@ def dask_client(params: EngineParams) -> Iterator[Client]:
                 # Task errors come back to the stage, which reports them in its own words.
                 silence_logs=logging.CRITICAL,
                 env=thread_env(params.threads_per_worker),
+                resources=resources,
             ) as cluster,
             Client(cluster) as client,
         ):
@@ -296,6 +303,7 @@ def run_units(
     scratch: str | Path,
     threads: int = 1,
     name: str = "unit",
+    resources: Callable[[U], dict[str, float] | None] | None = None,
 ) -> RunStats:
     """Run ``fn(unit)`` on the cluster for every unit; call back as results arrive.
 
@@ -304,7 +312,8 @@ def run_units(
     unit is ``split``; a unit that cannot be split (``len(split(u)) <= 1``) is passed to
     ``on_crash`` with the fatal signal (after a rerun alone when workers run several tasks
     at once). Any other exception from ``fn`` goes to ``on_error``. Callbacks run in this
-    (the stage) process.
+    (the stage) process. ``resources(unit)``, when given, is the Dask worker resources the
+    unit asks for (e.g. ``{"GPU": 1}``; None: any worker), its parts' too.
     """
     scratch = Path(scratch).resolve()  # workers may run in another directory
     scratch.mkdir(parents=True, exist_ok=True)
@@ -320,6 +329,7 @@ def run_units(
         future = client.submit(
             _call, fn, unit, threads, None if fault is None else str(fault),
             key=f"{name}-{uuid.uuid4().hex}", pure=False,
+            resources=None if resources is None else resources(unit),
         )  # fmt: skip
         running[future] = (unit, fault, solo or exclusive)
         pending.add(future)
