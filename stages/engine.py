@@ -93,13 +93,18 @@ def _dask_config(params: EngineParams) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def dask_client(
-    params: EngineParams, resources: dict[str, float] | None = None
+    params: EngineParams,
+    resources: dict[str, float] | None = None,
+    resource_workers: int | None = None,
 ) -> Iterator[Client]:
     """A client on ``params.address``, or on a LocalCluster this context starts and stops.
 
     ``resources``: Dask worker resources each local worker offers (e.g. ``{"GPU": 1}``), so
     units submitted with ``run_units(resources=...)`` run only where they fit; a remote
     cluster's workers declare theirs themselves (``dask worker --resources GPU=1``).
+    ``resource_workers``: only the first that many local workers (named ``0 ..
+    resource_workers - 1``) offer them (None: every worker), e.g. one per GPU; a worker
+    the nanny restarts keeps its resources.
 
     A remote scheduler should be started with ``DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0``
     so crashing units fail fast (otherwise each crash is retried on other workers first).
@@ -109,9 +114,10 @@ def dask_client(
             with connect(params) as client:
                 yield client
             return
+        some = resources is not None and resource_workers is not None
         with (
             LocalCluster(
-                n_workers=params.n_workers,
+                n_workers=0 if some else params.n_workers,
                 threads_per_worker=params.threads_per_worker,
                 memory_limit=params.memory_limit,
                 processes=True,
@@ -120,11 +126,24 @@ def dask_client(
                 # Task errors come back to the stage, which reports them in its own words.
                 silence_logs=logging.CRITICAL,
                 env=thread_env(params.threads_per_worker),
-                resources=resources,
+                resources=None if some else resources,
             ) as cluster,
             Client(cluster) as client,
         ):
+            if some:
+                _start_workers(cluster, params.n_workers, resources or {}, resource_workers or 0)
+                client.wait_for_workers(params.n_workers)
             yield client
+
+
+def _start_workers(cluster: LocalCluster, n: int, resources: dict[str, float], k: int) -> None:
+    """Start ``n`` workers of ``cluster``'s own kind, the first ``k`` offering ``resources``
+    (in their spec, so a restarted worker offers them again)."""
+    base = cluster.new_spec
+    for i in range(n):
+        options = {**base["options"], **({"resources": dict(resources)} if i < k else {})}
+        cluster.worker_spec[i] = {"cls": base["cls"], "options": options}
+    cluster.scale(n)
 
 
 def _unreachable(
