@@ -327,6 +327,19 @@ def build_extractor(backbone: str, init: str, layers: list[str], seed: int = 0) 
     return extractor.eval().requires_grad_(False)
 
 
+# Where a convolutional backbone runs in ``channels_last`` memory format: (device type,
+# precision) pairs where benchmarks/extract_throughput.py measured it faster for the ResNets
+# (README "Extract"). It changes the kernels' summation order, so a feature set made with it
+# records ``memory_format`` in its config (a different content hash).
+CHANNELS_LAST: frozenset[tuple[str, str]] = frozenset({("cpu", "bfloat16"), ("cuda", "bfloat16")})
+CONVOLUTIONAL = ("resnet18", "resnet50", "efficientnet_lite0")
+
+
+def uses_channels_last(backbone: str, device_type: str, precision: str) -> bool:
+    """Whether ``backbone`` runs in ``channels_last`` on this device type and precision."""
+    return backbone in CONVOLUTIONAL and (device_type, precision) in CHANNELS_LAST
+
+
 def activation_shapes(backbone: str, layers: Sequence[str]) -> dict[str, tuple[int, ...]]:
     """Each layer's activation shape for one 3x224x224 image, without computing anything.
 

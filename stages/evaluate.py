@@ -135,6 +135,7 @@ from stages.features import (
     content_hash_of,
     feature_set_inputs,
     has_maps,
+    hashed_config,
     is_image,
     is_patch,
     iter_shard_tables,
@@ -938,7 +939,7 @@ def check_feature_set(fs: FeatureSetEntry, augmented_wanted: Sequence[str] | Non
     check_shards(fs.folder, manifest)
     if all(k in manifest for k in CONFIG_KEYS):
         ids, hashes = indexes.inputs(fs.category)
-        expected = content_hash_of({k: manifest[k] for k in CONFIG_KEYS}, ids, hashes)
+        expected = content_hash_of(hashed_config(manifest), ids, hashes)
         if expected != manifest.get("content_hash"):
             data = indexes.root.data
             raise UserError(f"{fs.folder}: features extracted from other images than "

@@ -36,6 +36,20 @@ Params (section ``extract``):
   bounded by ``forward_streams`` + 2 batches (those in forward passes, two queued for the
   writer thread) plus a 32 MiB row-group buffer per feature set, whatever this is.
 - ``dtype`` (``float32``): ``float32`` or ``float16`` (half the disk).
+- ``device`` (``auto``): ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (auto = the first CUDA
+  device when PyTorch sees one, else the CPU; resolved where the stage runs). On CUDA the
+  model and batches live on the device: batches are decoded on the CPU threads, pinned and
+  copied asynchronously; the features come back to the CPU. Each unit then asks Dask for the
+  worker resource ``GPU`` (the stage's local workers have one each; a remote worker needs
+  ``--resources GPU=1``). ``pixels`` always runs on the CPU in float32 (no network).
+- ``precision`` (``float32``): ``float32`` or ``bfloat16`` (autocast; on a CPU only where it
+  has bf16 instructions, AVX512-BF16 or AMX, otherwise a one-line error). The ResNets and
+  efficientnet_lite0 run in ``channels_last`` where it was measured faster
+  (``backbones.CHANNELS_LAST``: bfloat16 on CPU and CUDA). Features are bitwise the same on
+  rerun and resume for one device type and precision. A feature set not made on the CPU in
+  float32 records ``precision``/``device``/``memory_format`` in its manifest (hashed: another
+  content hash, so other experiment rows) and lives in its own folder
+  (``<backbone>-<init>-bf16``, ``-cuda``, ``-cuda-bf16``); float32 CPU sets are unchanged.
 - ``crop`` (true): true = the weights' own ``transforms()`` as in the study (resize the
   shorter side to 256, 232 for resnet50, then centre-crop 224); false = resize the whole
   image to 224x224 without cropping (a centre crop can cut defects at the border).
@@ -100,6 +114,15 @@ from stages.backbones import (
     read_image,
     represent_layer,
     represented_shape,
+    uses_channels_last,
+)
+from stages.device import (
+    GPU_RESOURCE,
+    DeviceName,
+    Precision,
+    autocast,
+    check_precision,
+    resolve_device,
 )
 from stages.engine import EngineParams, check_scheduler, dask_client, run_units
 from stages.errors import UserError, run_cli, setup_logging
@@ -110,6 +133,7 @@ from stages.features import (
     feature_set_inputs,
     invalidate,
     read_manifest,
+    run_variant,
     shard_hash_of,
     shard_name,
     write_manifest,
@@ -156,6 +180,8 @@ class ExtractParams(Section):
     num_workers: Annotated[int, Field(ge=0)] = 2
     shard_rows: Annotated[int, Field(ge=1)] = 256
     dtype: Literal["float32", "float16"] = "float32"
+    device: DeviceName = "auto"
+    precision: Precision = "float32"
     crop: bool = True
     decoded_cache: bool = True
     extractors: Annotated[list[ExtractorParams], Field(min_length=1)]
@@ -225,9 +251,18 @@ def load_extract_params(path: str | Path) -> ExtractParams:
     assert isinstance(params, ExtractParams)
     try:
         _check_extractors(params)
+        extract_device(params)
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
     return params
+
+
+def extract_device(params: ExtractParams) -> torch.device:
+    """The device the networks run on; ``UserError`` naming ``extract.device`` or
+    ``extract.precision`` when this machine cannot run what they ask."""
+    device = resolve_device(params.device, "extract.device")
+    check_precision(params.precision, device, "extract.precision")
+    return device
 
 
 @dataclass(frozen=True)
@@ -253,6 +288,8 @@ class WorkUnit:
     forward_streams: int = 2
     decoded_cache: bool = True
     transforms: tuple[str, ...] = ()  # augment.transforms of the category
+    device: str = "cpu"  # resolved: cpu, cuda:N
+    precision: str = "float32"
 
     # (layer, representation) of each feature set; empty: every layer x representation
     pairs: tuple[tuple[str, str], ...] = ()
@@ -262,6 +299,27 @@ class WorkUnit:
         if self.pairs:
             return list(self.pairs)
         return [(la, r) for la in self.layers for r in self.representations]
+
+    def run(self) -> tuple[torch.device, str, bool]:
+        """Device, precision and whether channels_last: what the forward pass runs on
+        (pixels, no network: always the CPU in float32)."""
+        if self.backbone == "pixels":
+            return torch.device("cpu"), "float32", False
+        device = torch.device(self.device)
+        cl = uses_channels_last(self.backbone, device.type, self.precision)
+        return device, self.precision, cl
+
+    def run_config(self) -> dict[str, str]:
+        """The ``RUN_KEYS`` (stages.features) that differ from CPU, float32, contiguous."""
+        device, precision, channels_last = self.run()
+        config = {"precision": precision} if precision != "float32" else {}
+        config |= {"device": device.type} if device.type != "cpu" else {}
+        return config | ({"memory_format": "channels_last"} if channels_last else {})
+
+    def variant(self) -> str:
+        """The feature sets' folder suffix (``stages.features.run_variant``)."""
+        device, precision, _ = self.run()
+        return run_variant(device.type, precision)
 
     def extractor_config(self, layer: str, representation: str) -> dict[str, Any]:
         """What determines a feature set's values (hashed into its shards and manifest)."""
@@ -275,6 +333,7 @@ class WorkUnit:
             "dtype": self.dtype,
             "crop": self.crop,
             "code_version": CODE_VERSION,
+            **self.run_config(),
         }
 
 
@@ -282,6 +341,7 @@ def work_units(params_path: str | Path) -> list[WorkUnit]:
     """The stage's work units (category x backbone x init) from params.yaml."""
     params = load_params(params_path)
     extract = load_extract_params(params_path)
+    device = extract_device(extract)
     # Absolute paths: a Dask worker may run in another directory (or on another machine
     # that mounts the same filesystem at the same place).
     augment_index = str((Path(params.augment.out) / AUGMENT_INDEX).resolve())
@@ -313,6 +373,8 @@ def work_units(params_path: str | Path) -> list[WorkUnit]:
             forward_streams=extract.forward_streams,
             decoded_cache=extract.decoded_cache,
             transforms=tuple(params.augment.transforms[category]),
+            device=str(device),
+            precision=extract.precision,
         )
         for category in params.data.categories
         for (backbone, init), pairs in merged.items()
@@ -420,11 +482,19 @@ class _Decoding:
     part (2 threads decode 1.4x as fast as one), and a thread costs nothing to start,
     whereas a process started in a Dask worker is spawned and imports torch and torchvision
     again (about 5 s of a core each, more than decoding a category of MVTec AD takes).
-    Without threads, each batch is decoded when it is asked for.
+    Without threads, each batch is decoded when it is asked for. With ``pin``, each stacked
+    batch is in pinned memory, so its copy to a CUDA device can be asynchronous.
     """
 
-    def __init__(self, images: _Images, batches: list[list[int]], threads: int, ahead: int) -> None:
-        self.images, self.todo = images, iter(batches)
+    def __init__(
+        self,
+        images: _Images,
+        batches: list[list[int]],
+        threads: int,
+        ahead: int,
+        pin: bool = False,
+    ) -> None:
+        self.images, self.todo, self.pin = images, iter(batches), pin
         self.pool = ThreadPoolExecutor(threads, "extract-decode") if threads else None
         self.pending: deque[tuple[list[int], list[Future[torch.Tensor]]]] = deque()
         for _ in range(ahead + 1 if self.pool else 0):
@@ -438,12 +508,15 @@ class _Decoding:
     def __iter__(self) -> Iterator[tuple[list[int], torch.Tensor]]:
         if self.pool is None:
             for batch in self.todo:
-                yield batch, torch.stack([self.images(i) for i in batch])
+                yield batch, self._stack([self.images(i) for i in batch])
             return
         while self.pending:
             batch, decoded = self.pending.popleft()
             self._submit()
-            yield batch, torch.stack([future.result() for future in decoded])
+            yield batch, self._stack([future.result() for future in decoded])
+
+    def _stack(self, images: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(images).pin_memory() if self.pin else torch.stack(images)
 
     def close(self) -> None:
         """Stop decoding: queued images are dropped, running ones finish."""
@@ -492,9 +565,10 @@ def _plan(unit: WorkUnit, rows: dict[str, list[Any]]) -> tuple[list[_FeatureSet]
     hashed = (*META_COLUMNS, "sha256")  # not the path: moving the dataset keeps shards
     meta = [list(values) for values in zip(*(rows[c] for c in hashed), strict=True)]
     sets = []
+    variant = unit.variant()
     for layer, representation in unit.feature_sets():
         folder = feature_set_dir(
-            unit.out, unit.category, unit.backbone, unit.init, layer, representation
+            unit.out, unit.category, unit.backbone, unit.init, layer, representation, variant
         )
         config = unit.extractor_config(layer, representation)
         config_hash = stable_hash(config)
@@ -667,9 +741,14 @@ def _compute(
     threads; the numbers do not change a bit of the features), so decoding and writing on
     a core delay one stream instead of stalling every thread of a single forward pass at
     its next barrier. The shards are written on a background thread (``_ShardSink``), in
-    batch order.
+    batch order. On CUDA the pinned batches are copied asynchronously and the layers are
+    represented on the device; only the feature vectors come back. The activations are
+    represented in float32 whatever the precision.
     """
     torch.set_num_threads(unit.torch_threads)
+    device, precision, channels_last = unit.run()
+    if device.type == "cuda":
+        _deterministic_cuda()
     cache = None
     if unit.decoded_cache:
         cache = Path(unit.out) / DECODED_DIR / geometry_key(unit.backbone, unit.crop)
@@ -677,6 +756,9 @@ def _compute(
     # Built before decoding starts: torch.fx tracing patches ``nn.Module.__call__`` for
     # every thread, the transforms' modules included.
     model = build_extractor(unit.backbone, unit.init, list(unit.layers), seed=unit.seed)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(device)  # seeded on the CPU: the same weights on every device
     # Which feature sets each shard still needs, fixed before any shard is written.
     shard_of = {k: chunk.start // unit.shard_rows for k, chunk in enumerate(chunks)}
     todo = {k: [j for j, fs in enumerate(sets) if not fs.done[s]] for k, s in shard_of.items()}
@@ -687,16 +769,24 @@ def _compute(
     streams = ThreadPoolExecutor(unit.forward_streams, thread_name_prefix="extract-forward")
     in_flight: deque[tuple[list[int], Future[list[tuple[int, np.ndarray]]]]] = deque()
     ahead = max(2, unit.forward_streams)
-    decoding = _Decoding(images, _batches(chunks, unit.batch_size), unit.num_workers, ahead)
+    batches = _batches(chunks, unit.batch_size)
+    decoding = _Decoding(images, batches, unit.num_workers, ahead, pin=device.type == "cuda")
     try:
 
         def forward(images: torch.Tensor, k: int) -> list[tuple[int, np.ndarray]]:
-            with torch.inference_mode():  # thread-local: entered on the stream's thread
-                activations = model(images)
+            # inference mode and autocast are thread-local: entered on the stream's thread
+            with torch.inference_mode():
+                images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with autocast(device, precision):
+                    activations = model(images)
+                activations = {name: a.float() for name, a in activations.items()}
                 return [
-                    (j, represent_layer(activations, sets[j].layer, sets[j].representation).numpy())
+                    (j, represent_layer(activations, sets[j].layer, sets[j].representation)
+                     .contiguous().cpu().numpy())
                     for j in todo[k]
-                ]
+                ]  # fmt: skip
 
         def write_oldest() -> None:
             indices, future = in_flight.popleft()
@@ -721,6 +811,16 @@ def _compute(
         streams.shutdown(wait=True)
         sink.abort()
         decoding.close()
+
+
+def _deterministic_cuda() -> None:
+    """Same device, same bits: deterministic cuDNN/cuBLAS kernels, no autotuning, and no
+    TF32 (float32 means float32). Set in the worker before its first CUDA call."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def _shapes(unit: WorkUnit, fs: _FeatureSet, dim: int) -> dict[str, list[int]]:
@@ -782,6 +882,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_inputs(args.params)  # before anything is written
     engine = load_extract_params(args.params).engine
     check_scheduler(engine, "extract.engine", args.params)
+    device, precision = torch.device(units[0].device), units[0].precision
+    on_gpu = device.type == "cuda"
+    log.info(
+        "networks run on %s in %s%s", device, precision,
+        " (pixels on the CPU in float32)" if any(u.backbone == "pixels" for u in units) else "",
+    )  # fmt: skip
     out = Path(units[0].out)
     removed = remove_stale_temps(out)
     if removed:
@@ -827,7 +933,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{unit['category']} {unit['backbone']}-{unit['init']}: worker died, {signal}"
         )
 
-    with dask_client(engine) as client:
+    # On CUDA every network unit asks for the GPU resource; the local workers offer one each.
+    needs = {GPU_RESOURCE: 1.0} if on_gpu else None
+    with dask_client(engine, resources=needs) as client:
         run_units(
             client,
             extract_unit,
@@ -839,6 +947,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             scratch=out / ".engine",
             threads=units[0].torch_threads * units[0].forward_streams,
             name="extract",
+            resources=lambda unit: needs if unit["backbone"] != "pixels" else None,
         )
     if failures:
         raise UserError(

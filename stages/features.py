@@ -1,6 +1,7 @@
 """Feature sets on disk: Parquet shards plus a manifest that marks the set complete.
 
 A feature set is one folder ``<root>/<category>/<backbone>-<init>/<layer>/<representation>/``
+(``<backbone>-<init>-bf16``, ``-cuda``, ``-cuda-bf16`` when not made on the CPU in float32)
 holding ``part-NNNNN.parquet`` shards and ``manifest.json``. The manifest is written last
 (atomically), so a folder without it is never read as complete. Each row is one image:
 ``image_id`` (e.g. ``train/good/000`` or ``train/good/000@rot90``), ``split`` (train/test),
@@ -38,6 +39,24 @@ RERUN = "rerun the extract stage (dvc repro extract)"
 # recorded in the manifest and hashed with the images into ``content_hash``).
 CONFIG_KEYS = ("backbone", "init", "weights", "seed", "layer", "representation", "dtype", "crop",
                "code_version")  # fmt: skip
+# How the network ran, recorded (and hashed) only when not the default (CPU, float32,
+# contiguous), so feature sets made before these settings existed keep their content hash:
+# ``precision`` (bfloat16), ``device`` (cuda: other kernels, other values) and
+# ``memory_format`` (channels_last: another summation order).
+RUN_KEYS = ("precision", "device", "memory_format")
+
+
+def hashed_config(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The part of a manifest hashed into its ``content_hash``: ``CONFIG_KEYS`` and the
+    ``RUN_KEYS`` it records."""
+    return {k: manifest[k] for k in (*CONFIG_KEYS, *RUN_KEYS) if k in manifest}
+
+
+def run_variant(device_type: str, precision: str) -> str:
+    """The folder suffix of feature sets not made on the CPU in float32 (``cuda``, ``bf16``,
+    ``cuda-bf16``; empty otherwise), so they never overwrite the float32 CPU ones."""
+    parts = ["cuda"] if device_type == "cuda" else []
+    return "-".join(parts + (["bf16"] if precision == "bfloat16" else []))
 
 
 def is_patch(representation: str) -> bool:
@@ -85,10 +104,19 @@ def _reason(exc: BaseException) -> str:
 
 
 def feature_set_dir(
-    root: str | Path, category: str, backbone: str, init: str, layer: str, representation: str
+    root: str | Path,
+    category: str,
+    backbone: str,
+    init: str,
+    layer: str,
+    representation: str,
+    variant: str = "",
 ) -> Path:
+    """``<root>/<category>/<backbone>-<init>[-<variant>]/<layer>/<representation>`` (the
+    variant from :func:`run_variant`)."""
     safe_repr = representation.replace(":", "")
-    return Path(root) / category / f"{backbone}-{init}" / layer / safe_repr
+    extractor = f"{backbone}-{init}" + (f"-{variant}" if variant else "")
+    return Path(root) / category / extractor / layer / safe_repr
 
 
 def shard_schema(dim: int, dtype: str = "float32") -> pa.Schema:
