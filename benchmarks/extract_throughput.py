@@ -15,11 +15,27 @@ other backbones); ``study`` weighs them as the study's 8 units per category do (
 It then prints bytes on disk per image (flatten, all 4 layers, float32 and float16) and
 projects the disk use of the study's full grid. Torchvision backbones run with random init
 (no ImageNet weights offline), efficientnet_lite0 with its bundled ImageNet weights.
+
+``--precision`` measures ``extract.precision`` instead: for each backbone and device (cpu;
+cuda when PyTorch sees one) images/s of the stage's own forward pass (``forward_batch``:
+model on the device, pinned batches, autocast, flatten of all 4 layers back on the CPU, as
+``--streams`` x ``--threads``) in float32 and bfloat16, contiguous and channels_last (conv
+backbones), and of the whole stage unit (``extract_unit``, decoded cache warm) in each
+precision as configured (``backbones.CHANNELS_LAST``), with the bf16/fp32 ratios; then
+the |AUROC difference| of bf16 vs fp32 features over the study's 71 detector configs
+(params/study.yaml) on all 292 bottle images, both extracted by ``extract_unit`` (resnet18
+random, layers 1-4 flatten; ``--auroc-backbone``) and scored by the evaluate stage's shared
+path (``run_shared`` of benchmarks/ood_speedup.py). ``--json PATH`` writes the stage rates
+as ``{"machine": ..., "rates": {backbone: {"cpu/float32": images_per_second, ...}}}`` (read
+by ``benchmarks/ood_speedup.py --extract-rates``). On a GPU machine:
+
+    .venv/bin/python benchmarks/extract_throughput.py --precision --repeat 3 --json rates.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -27,6 +43,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +57,27 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.backbones import BACKBONES, build_extractor, preprocessing  # noqa: E402
-from stages.extract import DECODED_DIR, WorkUnit, extract_unit  # noqa: E402
-from stages.features import ShardWriter, iter_shard_tables, read_manifest  # noqa: E402
+from stages.backbones import (  # noqa: E402
+    BACKBONES,
+    CONVOLUTIONAL,
+    build_extractor,
+    preprocessing,
+    uses_channels_last,
+)
+from stages.device import bf16_supported  # noqa: E402
+from stages.extract import (  # noqa: E402
+    DECODED_DIR,
+    WorkUnit,
+    extract_unit,
+    forward_batch,
+    load_model,
+)
+from stages.features import (  # noqa: E402
+    ShardWriter,
+    iter_shard_tables,
+    load_feature_set,
+    read_manifest,
+)
 from stages.io import sha256_file  # noqa: E402
 
 BOTTLE = REPO.parent / "shared/data/mvtec_ad/bottle"
@@ -180,9 +215,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; medians printed")
     networks = [b for b in BACKBONES if b != "pixels"]  # pixels: no forward pass to compare
     parser.add_argument("--backbones", nargs="+", default=networks)
+    parser.add_argument("--precision", action="store_true",
+                        help="float32 vs bfloat16 (and channels_last) per backbone and device")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="--precision: write the stage rates here")
+    parser.add_argument("--auroc-backbone", default="resnet18",
+                        help="--precision: backbone of the AUROC comparison (none: skip it)")  # fmt: skip
     args = parser.parse_args()
     if not BOTTLE.is_dir():
         print(f"skipped: {BOTTLE} not found (MVTec AD bottle images are needed)")
+        return
+    if args.precision:
+        precision_main(args)
         return
     print(
         f"bottle: first {args.images} of 292 images (a subset keeps the run under 5 minutes), "
@@ -295,6 +338,181 @@ def main() -> None:
         f"{images * f16 / 1e9:.0f} GB float16 (imagenet sizes assumed equal to random init)"
     )
     print(f"(uncompressed float32 would be {images * _raw_floats() * 4 * 2 / 1e9:.0f} GB)")
+
+
+# --- --precision: float32 vs bfloat16 ------------------------------------------------------
+
+
+def machine() -> str:
+    """This machine in words: CPU model, cores, bf16 instructions, memory, GPU."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+        memory = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        memory = float("nan")
+    isa = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+                                   ("amx_bf16", "AMX-BF16")) if flag in flags]  # fmt: skip
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{model}, {os.cpu_count()} cores ({', '.join(isa) or 'no AVX-512'}), "
+            f"{memory:.0f} GiB, {gpu}")  # fmt: skip
+
+
+def forward_rate(
+    unit: WorkUnit, tensors: torch.Tensor, device: torch.device, precision: str, cl: bool,
+    batch_size: int, streams: int,
+) -> float:  # fmt: skip
+    """Images/s of the stage's forward pass (``forward_batch``, every layer flattened, back
+    on the CPU) over ``tensors`` in pinned batches, ``streams`` batches at once; warmed up."""
+    model = load_model(unit, device, cl)
+    wanted = [(layer, "flatten") for layer in unit.layers]
+    pin = device.type == "cuda"
+    batches = [tensors[i : i + batch_size] for i in range(0, len(tensors), batch_size)]
+    batches = [b.pin_memory() if pin else b for b in batches]
+
+    def forward(batch: torch.Tensor) -> None:
+        forward_batch(model, batch, wanted, device, precision, cl)
+
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(forward, batches[:1] * streams))  # warm-up: oneDNN/cuDNN set-up
+        started = time.perf_counter()
+        list(pool.map(forward, batches))
+    return len(tensors) / (time.perf_counter() - started)
+
+
+def precision_main(args: argparse.Namespace) -> None:
+    """Images/s float32 vs bfloat16 per backbone and device; AUROC difference; --json."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available()
+                                       else [])  # fmt: skip
+    print(f"machine: {machine()}")
+    print(f"bottle: first {args.images} images, batch {args.batch_size}, flatten of all 4 "
+          f"layers; CPU: {args.streams} forward streams x {args.threads} torch threads; "
+          f"medians of {args.repeat} runs (alternating); cl = channels_last")  # fmt: skip
+    rates: dict[str, dict[str, float]] = {}
+    foreign: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        index = bottle_index(root, args.images)
+        paths = pq.read_table(index, columns=["path"]).column("path").to_pylist()
+        print(f"{'backbone':<20}{'device':<8}{'fwd f32':>9}{'f32 cl':>8}{'bf16':>8}{'bf16 cl':>9}"
+              f"{'stage f32':>11}{'stage bf16':>12}{'fwd bf16/f32':>14}{'stage bf16/f32':>16}")  # fmt: skip
+        for backbone in args.backbones:
+            init = "imagenet" if backbone == "efficientnet_lite0" else BACKBONES[backbone].inits[0]
+            tensors = decoded(backbone, paths)
+            for device in devices:
+                torch.set_num_threads(args.threads)
+                precisions = ["float32"] + (["bfloat16"] if bf16_supported(device) else [])
+                variants = [(p, cl) for p in precisions
+                            for cl in ((False, True) if backbone in CONVOLUTIONAL else (False,))]  # fmt: skip
+                base = WorkUnit(
+                    category="bottle", backbone=backbone, init=init,
+                    layers=tuple(BACKBONES[backbone].layers), representations=("flatten",),
+                    index=str(index), augment_index=str(root / "none.parquet"),
+                    out=str(root / "features"), batch_size=args.batch_size,
+                    num_workers=args.num_workers, shard_rows=64, torch_threads=args.threads,
+                    forward_streams=args.streams if device.type == "cpu" else 1,
+                    device=str(device),
+                )  # fmt: skip
+                fwd: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
+                stage: dict[str, list[float]] = {p: [] for p in precisions}
+                extract_unit(base)  # fills the decoded cache: every stage run below is warm
+                for _ in range(args.repeat):  # alternate, so a load that comes and goes hits all
+                    for precision, cl in variants:
+                        streams = base.forward_streams
+                        rate, _, other = timed(forward_rate, base, tensors, device, precision,
+                                               cl, args.batch_size, streams)  # fmt: skip
+                        fwd[precision, cl].append(rate)
+                        foreign += [other] if other is not None else []
+                    for precision in precisions:
+                        unit = replace(base, precision=precision)
+                        shutil.rmtree(Path(unit.out, "bottle"), ignore_errors=True)
+                        _, wall, other = timed(extract_unit, unit)
+                        stage[precision].append(len(paths) / wall)
+                        foreign += [other] if other is not None else []
+                med = {v: statistics.median(r) for v, r in fwd.items()}
+                st = {p: statistics.median(r) for p, r in stage.items()}
+                rates.setdefault(backbone, {}).update(
+                    {f"{device.type}/{p}": round(r, 2) for p, r in st.items()})  # fmt: skip
+
+                def cell(med: dict, v: tuple[str, bool], width: int) -> str:
+                    return f"{med[v]:>{width}.1f}" if v in med else f"{'-':>{width}}"
+
+                chosen = {p: (p, uses_channels_last(backbone, device.type, p)) for p in precisions}
+                ratio = (f"{med[chosen['bfloat16']] / med[chosen['float32']]:>14.2f}"
+                         f"{st['bfloat16'] / st['float32']:>16.2f}"
+                         if "bfloat16" in st else f"{'no bf16':>14}{'':>16}")  # fmt: skip
+                print(f"{backbone:<20}{device.type:<8}{cell(med, ('float32', False), 9)}"
+                      f"{cell(med, ('float32', True), 8)}{cell(med, ('bfloat16', False), 8)}"
+                      f"{cell(med, ('bfloat16', True), 9)}{st['float32']:>11.1f}"
+                      f"{st.get('bfloat16', float('nan')):>12.1f}{ratio}", flush=True)  # fmt: skip
+            del tensors
+    print("fwd: the stage's forward pass alone on decoded tensors; stage: extract_unit with the "
+          "decoded cache warm (decode cache read, forward, shards written); the ratios compare "
+          "each precision as the stage runs it (backbones.CHANNELS_LAST)")  # fmt: skip
+    if foreign:
+        print(f"other processes used {sum(foreign):.1f} CPU s during these measurements "
+              f"(at most {max(foreign):.1f} s in one run; 0 on an idle machine)")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "rates": rates}, indent=1) + "\n")
+        print(f"rates written to {args.json}")
+    if args.auroc_backbone != "none" and bf16_supported(torch.device("cpu")):
+        auroc_difference(args.auroc_backbone, args.num_workers, args.streams, args.threads)
+
+
+def auroc_difference(backbone: str, num_workers: int, streams: int, threads: int) -> None:
+    """|AUROC(bf16 features) - AUROC(fp32 features)| over the study's 71 configs on all
+    292 bottle images (CPU), each layer of ``backbone`` flattened, not augmented."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from ood_speedup import auroc, grid_of, run_shared  # the evaluate stage's shared path
+
+    configs = grid_of("params/study.yaml")
+    layers = tuple(BACKBONES[backbone].layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        index = bottle_index(root, 292)
+        features: dict[str, dict[str, Any]] = {}
+        for precision in ("float32", "bfloat16"):
+            unit = WorkUnit(
+                category="bottle", backbone=backbone, init=BACKBONES[backbone].inits[0],
+                layers=layers, representations=("flatten",), index=str(index),
+                augment_index=str(root / "none.parquet"), out=str(root / "features"),
+                num_workers=num_workers, forward_streams=streams, torch_threads=threads,
+                precision=precision,
+            )  # fmt: skip
+            started = time.perf_counter()
+            summary = extract_unit(unit)
+            print(f"{backbone} {precision}: 292 bottle images extracted in "
+                  f"{time.perf_counter() - started:.1f} s")  # fmt: skip
+            features[precision] = {e["layer"]: e["folder"] for e in summary["feature_sets"]}
+        diffs, worst = [], (0.0, "")
+        for layer in layers:
+            per = {p: load_feature_set(features[p][layer]) for p in features}
+            fs = per["float32"]
+            test = np.flatnonzero(fs.split == "test")
+            train = np.flatnonzero(fs.split == "train")
+            y = fs.is_anomaly[test]
+            scores = {}
+            for precision, f in per.items():
+                assert list(f.image_id) == list(fs.image_id)
+                X = np.ascontiguousarray(f.X)
+                scores[precision] = run_shared(X, test, {False: train, True: train},
+                                               configs, 0).scores  # fmt: skip
+            for config in configs:
+                a = auroc(y, scores["float32"][False, config])
+                b = auroc(y, scores["bfloat16"][False, config])
+                if np.isnan(a) or np.isnan(b):
+                    continue
+                diffs.append(abs(a - b))
+                if diffs[-1] > worst[0]:
+                    worst = (diffs[-1], f"{layer} {config.name}")
+            print(f"  {layer}: scored ({len(configs)} configs x 2 precisions)", flush=True)
+        print(f"AUROC |bf16 - fp32| over {len(diffs)} (config, layer) pairs of the study's "
+              f"{len(configs)} configs on {backbone} random: median {np.median(diffs):.4f}, "
+              f"max {max(diffs):.4f} ({worst[1]}); target max <= 0.01")  # fmt: skip
 
 
 def _raw_floats() -> int:

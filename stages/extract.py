@@ -755,10 +755,7 @@ def _compute(
     images = _Images(rows["path"], rows["sha256"], unit.backbone, unit.crop, cache)
     # Built before decoding starts: torch.fx tracing patches ``nn.Module.__call__`` for
     # every thread, the transforms' modules included.
-    model = build_extractor(unit.backbone, unit.init, list(unit.layers), seed=unit.seed)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = model.to(device)  # seeded on the CPU: the same weights on every device
+    model = load_model(unit, device, channels_last)
     # Which feature sets each shard still needs, fixed before any shard is written.
     shard_of = {k: chunk.start // unit.shard_rows for k, chunk in enumerate(chunks)}
     todo = {k: [j for j, fs in enumerate(sets) if not fs.done[s]] for k, s in shard_of.items()}
@@ -774,19 +771,9 @@ def _compute(
     try:
 
         def forward(images: torch.Tensor, k: int) -> list[tuple[int, np.ndarray]]:
-            # inference mode and autocast are thread-local: entered on the stream's thread
-            with torch.inference_mode():
-                images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with autocast(device, precision):
-                    activations = model(images)
-                activations = {name: a.float() for name, a in activations.items()}
-                return [
-                    (j, represent_layer(activations, sets[j].layer, sets[j].representation)
-                     .contiguous().cpu().numpy())
-                    for j in todo[k]
-                ]  # fmt: skip
+            wanted = [(sets[j].layer, sets[j].representation) for j in todo[k]]
+            vectors = forward_batch(model, images, wanted, device, precision, channels_last)
+            return list(zip(todo[k], vectors, strict=True))
 
         def write_oldest() -> None:
             indices, future = in_flight.popleft()
@@ -811,6 +798,37 @@ def _compute(
         streams.shutdown(wait=True)
         sink.abort()
         decoding.close()
+
+
+def load_model(unit: WorkUnit, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """The unit's extractor on ``device`` (built and seeded on the CPU: the same weights on
+    every device), in ``channels_last`` when asked."""
+    model = build_extractor(unit.backbone, unit.init, list(unit.layers), seed=unit.seed)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device)
+
+
+def forward_batch(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    wanted: Sequence[tuple[str, str]],
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+) -> list[np.ndarray]:
+    """The stage's forward pass of one batch: the (batch, dim) float32 vectors of each
+    (layer, representation) of ``wanted``, on the CPU. Inference mode and autocast are
+    thread-local, so they are entered here, on the forward stream's thread."""
+    with torch.inference_mode():
+        images = images.to(device, non_blocking=True)  # asynchronous from pinned memory
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            activations = model(images)
+        activations = {name: a.float() for name, a in activations.items()}
+        return [represent_layer(activations, layer, representation).contiguous().cpu().numpy()
+                for layer, representation in wanted]  # fmt: skip
 
 
 def _deterministic_cuda() -> None:
