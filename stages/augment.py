@@ -16,11 +16,11 @@ transforms they are asked for (``check_augment_index``) instead of training an
 
 Speed (benchmarks/augment_throughput.py): a source is decoded once by libspng
 (``stages.images.read_image``), transposed by Pillow (a pixel copy, no numpy round trip) and
-encoded by Pillow's PNG encoder at zlib level 1 with the run-length strategy (``Z_RLE``):
-about 5x less CPU than the default level 6 on MVTec's 900x900 images, and a few percent
-smaller files. PNG is lossless at any level and strategy, so the pixels are the same; the
-bytes differ from the default encoder's. Pillow holds the GIL while it encodes a PNG into
-memory, so the sources are spread over worker processes (one per core), not threads.
+encoded by ``encode_png`` (PNG's Up filter, zlib level 1, run-length strategy): about 10x
+less CPU than Pillow's encoder at its default level on MVTec's 900x900 images, for files
+about 1.25x larger. PNG is lossless, so the pixels are the same; the bytes differ from the
+old encoder's. The sources are spread over worker processes (one per core): Pillow, used
+for other modes, holds the GIL while it encodes into memory.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import struct
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -45,7 +46,7 @@ from PIL import Image
 
 from stages.dataset import read_index
 from stages.errors import UserError, run_cli, setup_logging
-from stages.images import read_image
+from stages.images import PNG_SIGNATURE, read_image
 from stages.io import atomic_path, remove_stale_temps, write_bytes_atomic, write_json_atomic
 from stages.params import load_params, stage_args
 from stages.progress import progress
@@ -84,8 +85,9 @@ TRANSPOSE: dict[str, Image.Transpose] = {
     "hflip": Image.Transpose.FLIP_LEFT_RIGHT,
     "vflip": Image.Transpose.FLIP_TOP_BOTTOM,
 }
-# PNG encoder settings: zlib level 1 with the run-length strategy (lossless at any setting;
-# on MVTec's 900x900 images ~5x less CPU than Pillow's default level 6, files ~4% smaller).
+# PNG colour type and channels of the 8-bit modes ``encode_png`` writes itself; any other
+# mode goes to Pillow's encoder with ``PNG_OPTIONS``.
+PNG_MODES = {"L": (0, 1), "LA": (4, 2), "RGB": (2, 3), "RGBA": (6, 4)}
 PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
 
 
@@ -94,11 +96,35 @@ def apply_transform(image: Image.Image, transform: str) -> Image.Image:
     return image.transpose(TRANSPOSE[transform])
 
 
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def encode_png(image: Image.Image) -> bytes:
-    """Lossless PNG bytes of ``image`` (``PNG_OPTIONS``)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", **PNG_OPTIONS)
-    return buffer.getvalue()
+    """Lossless PNG bytes of ``image``.
+
+    8-bit L, LA, RGB and RGBA (MVTec's images) are written here: every row with PNG's "Up"
+    filter (the difference to the row above, modulo 256: one numpy subtraction) and
+    deflated by zlib at level 1 with the run-length strategy. On MVTec's 900x900 images
+    that is about 17 ms of CPU against Pillow's 185 ms at its default level (which tries
+    five filters per row), for files about 1.25x larger; zlib and numpy release the GIL.
+    Other modes (palette, 1-bit, 16-bit) go to Pillow's encoder (``PNG_OPTIONS``).
+    """
+    if image.mode not in PNG_MODES:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", **PNG_OPTIONS)
+        return buffer.getvalue()
+    colour, channels = PNG_MODES[image.mode]
+    width, height = image.size
+    pixels = np.asarray(image).reshape(height, width * channels)
+    rows = np.empty((height, width * channels + 1), dtype=np.uint8)
+    rows[:, 0] = 2  # filter type Up (the first row's "row above" is zeros: the row itself)
+    rows[0, 1:] = pixels[0]
+    np.subtract(pixels[1:], pixels[:-1], out=rows[1:, 1:])
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    data = deflate.compress(rows) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
+    return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 
 
 def augment_source(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -160,6 +160,7 @@ def test_encoding_is_lossless_for_every_mode_and_transform(mode: str) -> None:
     import io
 
     from stages.augment import TRANSFORM_FUNCS, apply_transform, encode_png
+    from stages.images import decode_fast
 
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, size=(37, 53, 4), dtype=np.uint8)
@@ -167,11 +168,18 @@ def test_encoding_is_lossless_for_every_mode_and_transform(mode: str) -> None:
     image = Image.fromarray(noise, "RGBA").convert(mode) if mode != "I;16" else None
     if mode == "I;16":
         image = Image.fromarray(rng.integers(0, 65536, size=(37, 53), dtype=np.uint16))
+    row = Image.fromarray(noise[:1, :, :3])  # one row: nothing above it
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(encode_png(row)))), noise[:1, :, :3]
+    )
     for transform, reference in TRANSFORM_FUNCS.items():
         data = encode_png(apply_transform(image, transform))
         back = Image.open(io.BytesIO(data))
         assert back.format == "PNG" and back.mode == image.mode
         np.testing.assert_array_equal(np.asarray(back), reference(np.asarray(image)))
+        fast = decode_fast(data)  # libspng, as extract reads them (8-bit L and RGB)
+        if mode in ("L", "RGB"):
+            np.testing.assert_array_equal(np.asarray(fast), reference(np.asarray(image)))
         if mode == "P":
             assert back.getpalette() == image.getpalette()
         assert encode_png(apply_transform(image, transform)) == data  # same bytes again
