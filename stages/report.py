@@ -55,7 +55,6 @@ import json
 import logging
 import math
 import re
-import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +89,7 @@ from stages.metrics import (
     ranking_scores,
     tie_safe_scores,
 )
+from stages.palette import LINE_STYLES, family_colour, family_shades
 from stages.params import OutputFolder, Section, load_params, load_section, stage_args
 from stages.query import (
     ExperimentMaps,
@@ -99,6 +99,7 @@ from stages.query import (
     picture,
     score_text,
 )
+from stages.report_html import write_html
 from stages.results_db import STATUSES, Experiment, Image, Score, open_db
 
 log = logging.getLogger("stages.report")
@@ -292,20 +293,43 @@ def extractor_label(row: dict[str, Any]) -> str:
 
 
 def heatmap_table(
-    done: Sequence[dict[str, Any]],
-) -> tuple[list[str], list[str], np.ndarray]:
-    """Family x backbone/layer: per category the best AUROC in the cell, then the mean over
-    the categories that have one (so a cell compares with Table 4's mean)."""
-    cells: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    done: Sequence[dict[str, Any]], categories: Sequence[str]
+) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+    """Family x backbone/layer per category: the best AUROC among the cell's configs (NaN:
+    none run). Families in the palette's order, categories in ``categories`` order."""
+    cells: dict[tuple[str, str, str], float] = {}
     for row in done:
-        cell = cells[(row["detector"], extractor_label(row))]
-        cell[row["category"]] = max(cell.get(row["category"], -math.inf), row["auroc"])
-    families = sorted({f for f, _ in cells})
-    extractors = sorted({e for _, e in cells})
-    grid = np.full((len(families), len(extractors)), np.nan)
-    for (family, extractor), per_cat in cells.items():
-        grid[families.index(family), extractors.index(extractor)] = np.mean(list(per_cat.values()))
-    return families, extractors, grid
+        slot = (row["category"], row["detector"], extractor_label(row))
+        cells[slot] = max(cells.get(slot, -math.inf), row["auroc"])
+    families = family_order({f for _, f, _ in cells})
+    extractors = sorted({e for _, _, e in cells})
+    grids = {}
+    for category in [c for c in categories if any(k[0] == c for k in cells)]:
+        grid = np.full((len(families), len(extractors)), np.nan)
+        for (c, family, extractor), value in cells.items():
+            if c == category:
+                grid[families.index(family), extractors.index(extractor)] = value
+        grids[category] = grid
+    return families, extractors, grids
+
+
+def top_with_ties(
+    done: Sequence[dict[str, Any]], categories: Sequence[str], n: int
+) -> dict[str, tuple[list[dict[str, Any]], int]]:
+    """Per category its ``n`` best experiments by AUROC and how many more share the last
+    one's AUROC. AUROCs equal within their numerical error are ties (the project's tie
+    rule, ``tie_safe_scores``); tied rows are listed by key."""
+    out = {}
+    for category in categories:
+        here = [r for r in done if r["category"] == category]
+        if not here:
+            continue
+        tied = tie_safe_scores(np.array([r["auroc"] for r in here], dtype=np.float64))
+        order = sorted(range(len(here)), key=lambda i: (-tied[i], here[i]["key"]))
+        shown = order[:n]
+        more = sum(1 for i in order[n:] if tied[i] == tied[shown[-1]])
+        out[category] = ([here[i] for i in shown], more)
+    return out
 
 
 def seed_spread(done: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -422,86 +446,179 @@ def _save(fig: Figure, path: Path) -> None:
 def figure_fit_time(done: Sequence[dict[str, Any]], path: Path) -> None:
     """Figure 4: a family's time per work unit and augmentation choice (its call, plus its
     share of the shared quantities; one config's fit + score on the per-config path)
-    against feature dimension and training-set size (log-log)."""
-    fig = Figure(figsize=(11, 4.2))
+    against feature dimension and training-set size (log-log); family colours as in every
+    figure, legend beside the panels."""
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
     axes = fig.subplots(1, 2)
     calls = family_groups(done)
-    families = sorted({c["detector"] for c in calls})
+    families = family_order({c["detector"] for c in calls})
     for ax, x_field, label in ((axes[0], "dim", "feature dimension"),
                                (axes[1], "n_train", "training images")):  # fmt: skip
         for family in families:
             rows = [c for c in calls if c["detector"] == family and c[x_field]]
+            if not rows:
+                continue
             x = np.array([r[x_field] for r in rows], dtype=float)
             y = np.maximum(np.array([r["total_s"] for r in rows], dtype=float), 1e-6)
-            points = ax.scatter(x, y, s=10, alpha=0.35, label=family)
+            colour = family_colour(family)
+            ax.scatter(x, y, s=14, alpha=0.35, color=colour)
             xs = np.unique(x)
-            ax.plot(xs, [np.median(y[x == v]) for v in xs], color=points.get_facecolor()[0],
-                    alpha=1.0, linewidth=1.5)  # fmt: skip
+            ax.plot(xs, [np.median(y[x == v]) for v in xs], color=colour, linewidth=2,
+                    marker="o", markersize=4, label=family)  # fmt: skip
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("family time per unit and augmentation choice (s)")
+        ax.set_xlabel(label, fontsize=11)
+        ax.set_ylabel("seconds per call (log)", fontsize=11)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=10,
+               title="detector family\n(line: median)", frameon=False)  # fmt: skip
     fig.suptitle(
-        "Time of each detector family's call: all its configs on one work unit and "
-        "augmentation choice, with its share of the shared quantities\n(points: "
-        "calls, lines: medians; per-config path: one config's fit + score)"
+        "Figure 4: seconds of each detector family's call (all its configs on one work unit "
+        "and augmentation choice,\nwith its share of the shared quantities) against feature "
+        "dimension and training-set size; points: calls",
+        fontsize=11,
     )
     _save(fig, path)
 
 
-def figure_heatmap(families: list[str], extractors: list[str], grid: np.ndarray,
+def family_order(names: Iterable[str]) -> list[str]:
+    """Families in ``FAMILIES`` order (the palette's), unknown ones last by name."""
+    names = set(names)
+    return [f for f in FAMILIES if f in names] + sorted(names - set(FAMILIES))
+
+
+def _panel_grid(n: int, max_cols: int) -> tuple[int, int]:
+    cols = min(max_cols, n)
+    return math.ceil(n / cols), cols
+
+
+def figure_heatmap(families: list[str], extractors: list[str], grids: dict[str, np.ndarray],
                    path: Path) -> None:  # fmt: skip
-    fig = Figure(figsize=(max(5.0, 2.5 + 1.1 * len(extractors)), 1.5 + 0.55 * len(families)))
-    ax = fig.subplots()
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0.5, vmax=1.0,
-                      aspect="auto")  # fmt: skip
-    ax.set_xticks(range(len(extractors)), extractors, rotation=35, ha="right", fontsize=8)
-    ax.set_yticks(range(len(families)), families, fontsize=8)
-    for i in range(len(families)):
-        for j in range(len(extractors)):
-            if np.isfinite(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=7,
-                        color="white" if grid[i, j] < 0.8 else "black")  # fmt: skip
-    fig.colorbar(image, ax=ax, label="best AUROC (mean over categories)")
-    ax.set_title("Best AUROC per detector family x backbone/layer")
+    """One panel per category (a mean over categories of AUROC ~1.0 and ~0.7 describes
+    neither): family x backbone/layer, each cell the best AUROC with its value printed."""
+    from matplotlib import colormaps
+    from matplotlib.patches import Rectangle
+
+    n_rows, n_cols = _panel_grid(len(grids), 2 if len(extractors) > 3 else 3)
+    width = 2.2 + 0.95 * max(len(extractors), 2)
+    height = 1.6 + 0.42 * len(families)
+    fig = Figure(figsize=(width * n_cols + 1.2, height * n_rows + 0.6), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    cmap = colormaps["viridis"]
+    image = None
+    for k, (ax, (category, grid)) in enumerate(zip(axes.flat, grids.items(), strict=False)):
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.5, vmax=1.0,
+                          aspect="auto")  # fmt: skip
+        ax.set_xticks(range(len(extractors)), extractors, rotation=30, ha="right", fontsize=9)
+        ax.set_yticks(range(len(families)), families if k % n_cols == 0 else [], fontsize=10)
+        for i in range(len(families)):
+            for j in range(len(extractors)):
+                v = grid[i, j]
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=9,
+                            color="white" if v < 0.8 else "black")  # fmt: skip
+                    if v == np.nanmax(grid):
+                        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False,
+                                               edgecolor="#d62728", linewidth=2.5))  # fmt: skip
+        ax.set_title(f"{category} (best {np.nanmax(grid):.3f})", fontsize=11)
+    for ax in list(axes.flat)[len(grids) :]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes.flat), shrink=0.6, label="best AUROC in the cell")
+    fig.suptitle("Best AUROC per detector family x backbone/layer, one panel per category\n"
+                 "(red outline: the category's best; blank: not run)", fontsize=11)  # fmt: skip
     _save(fig, path)
 
 
 def figure_augmentation(table: Sequence[dict[str, Any]], path: Path) -> None:
-    fig = Figure(figsize=(1.5 + 0.9 * len(table), 3.8))
+    """Best AUROC per category without and with augmentation, each bar's value printed and
+    the gain above each pair (a 0.005 difference is invisible as bar heights)."""
+    fig = Figure(figsize=(2.2 + 1.5 * len(table), 4.4), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(table))
-    for offset, key, label in ((-0.2, "without", "no augmentation"),
-                               (0.2, "with", "augmented")):  # fmt: skip
+    for offset, key, label, colour in ((-0.2, "without", "no augmentation", "#9e9e9e"),
+                                       (0.2, "with", "augmented", "#3b75af")):  # fmt: skip
         values = [np.nan if r[key] is None else r[key] for r in table]
-        ax.bar(x + offset, values, width=0.4, label=label)
-    ax.set_xticks(x, [r["category"] for r in table], rotation=30, ha="right")
-    ax.set_ylim(0.0, 1.02)
+        bars = ax.bar(x + offset, values, width=0.4, label=label, color=colour)
+        ax.bar_label(bars, labels=[fmt(v, 3) if np.isfinite(v) else "not run" for v in values],
+                     padding=2, fontsize=9)  # fmt: skip
+    for xi, r in zip(x, table, strict=True):
+        if r["gain"] is not None:
+            ax.text(xi, 1.1, f"gain {r['gain']:+.3f}", ha="center", fontsize=10,
+                    fontweight="bold", color="#1a7f37" if r["gain"] > 0 else
+                    ("#b42318" if r["gain"] < 0 else "black"))  # fmt: skip
+    ax.set_xticks(x, [r["category"] for r in table], fontsize=11)
+    ax.set_ylim(0.0, 1.18)
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("best AUROC")
-    ax.legend(fontsize=8)
-    ax.set_title("Augmentation benefit")
+    ax.legend(fontsize=9, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), frameon=False)  # fmt: skip
+    ax.set_title("Augmentation benefit: best AUROC per category,\nwithout and with "
+                 "augmenting the training images")  # fmt: skip
     _save(fig, path)
 
 
-def figure_roc(curves: dict[str, list[tuple[str, np.ndarray, np.ndarray, float]]],
+def experiment_labels(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Legend entries of ``rows`` that name each experiment in full (detector with its
+    hyperparameters, backbone-init/layer, representation, augmentation) and never read the
+    same: the seed, then the key's start, are added where two would."""
+    labels = [f"{r['detector_name']}\n{extractor_label(r)} {r['representation']}"
+              f"{', augmented' if r['augmented'] else ''}" for r in rows]  # fmt: skip
+    for extra in (lambda r: f", seed {r['seed']}", lambda r: f", key {r['key'][:8]}"):
+        counts = Counter(labels)
+        labels = [lab + extra(r) if counts[lab] > 1 else lab
+                  for lab, r in zip(labels, rows, strict=True)]  # fmt: skip
+    return [wrap_config(lab) for lab in labels]
+
+
+def wrap_config(text: str, width: int = 58) -> str:
+    """Lines of at most ``width`` characters, broken after commas: never cut."""
+    out = []
+    for line in text.split("\n"):
+        parts, cur = re.split(r"(?<=,)", line), ""
+        for part in parts:
+            if cur and len(cur) + len(part) > width:
+                out.append(cur)
+                cur = "  " + part.lstrip()
+            else:
+                cur += part
+        out.append(cur)
+    return "\n".join(out)
+
+
+def figure_roc(curves: dict[str, list[tuple[dict[str, Any], np.ndarray, np.ndarray]]],
                path: Path) -> None:  # fmt: skip
-    n = len(curves)
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(4 * cols, 3.8 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
+    """Per category a panel with its best configs' ROC curves; family colours, each panel's
+    legend (rank, AUROC, the full config) below it, outside the curves."""
+    n_rows, n_cols = _panel_grid(len(curves), 2)
+    longest = max(sum(lab.count("\n") + 1 for lab in experiment_labels([r for r, _, _ in c]))
+                  for c in curves.values())  # fmt: skip
+    fig = Figure(figsize=(6.2 * n_cols, (4.2 + 0.2 * longest) * n_rows), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for ax, (category, lines) in zip(axes.flat, curves.items(), strict=False):
-        for label, fpr, tpr, auroc in lines:
-            ax.plot(fpr, tpr, linewidth=1.2, label=f"{auroc:.3f} {label}")
+        rows = [r for r, _, _ in lines]
+        seen: Counter[str] = Counter()
+        for rank, ((r, fpr, tpr), label) in enumerate(
+            zip(lines, experiment_labels(rows), strict=True), start=1
+        ):
+            k = seen[r["detector"]]
+            seen[r["detector"]] += 1
+            ax.plot(fpr, tpr, linewidth=2.0 if rank == 1 else 1.5,
+                    color=family_shades(r["detector"], k + 1)[k],
+                    linestyle=LINE_STYLES[k % len(LINE_STYLES)],
+                    label=f"{rank}. AUROC {r['auroc']:.4f}: {label}")  # fmt: skip
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8)
-        ax.set_title(category)
+        ax.set_title(category, fontsize=12)
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
-        ax.legend(fontsize=6, loc="lower right")
-    for ax in list(axes.flat)[n:]:
+        ax.set_aspect("equal")
+        ax.legend(fontsize=8.5, loc="upper left", bbox_to_anchor=(0.0, -0.16),
+                  frameon=False, borderaxespad=0)  # fmt: skip
+    for ax in list(axes.flat)[len(curves) :]:
         ax.axis("off")
+    fig.suptitle("ROC curves of each category's best configs (colour: detector family)",
+                 fontsize=12)  # fmt: skip
     _save(fig, path)
 
 
@@ -654,7 +771,7 @@ def figure_maps(maps: ExperimentMaps, panels: Sequence[tuple[str, str]],
     fig.colorbar(ScalarMappable(Normalize(maps.vmin, maps.vmax), colormaps["jet"]),
                  ax=list(axes), shrink=0.8, pad=0.015, label="anomaly map value")  # fmt: skip
     exp = maps.exp
-    detector = textwrap.shorten(exp["detector_name"].replace(",", ", "), 70, placeholder="...")
+    detector = wrap_config(exp["detector_name"].replace(",", ", "), 100)
     fig.suptitle(f"{maps.category}: {detector}, {extractor_label(exp)} (AUPRO "
                  f"{fmt(exp['aupro'], 3)}); scale: min to max of its {len(maps.image_ids)} "
                  "test maps; mask outlined in white", fontsize=10)  # fmt: skip
@@ -991,15 +1108,21 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
                  threshold_rows([(c, report.best[c]) for c in categories]), "ll" + "r" * 9),
     ))  # fmt: skip
 
-    top = sorted(done, key=lambda r: (-r["auroc"], r["key"]))[: params.top_n]
+    top_rows = []
+    for category, (shown, more) in top_with_ties(done, categories, params.top_n).items():
+        top_rows += [[r["category"], r["augmented"], extractor_label(r), r["representation"],
+                      r["detector_name"], r["auroc"], r["average_precision"], r["f1_honest"],
+                      r["f1_oracle"], f"`{r['key'][:12]}`"] for r in shown]  # fmt: skip
+        if more:
+            top_rows.append([category, "", "", "", f"*and {more} more at this AUROC*",
+                             shown[-1]["auroc"], "", "", "", ""])  # fmt: skip
     parts.append(_section(
-        f"Top {params.top_n} experiments by AUROC",
+        f"Top {params.top_n} experiments by AUROC, per category",
+        f"Each category's {params.top_n} best experiments (AUROCs equal within rounding "
+        "are ties, listed by key; *and N more*: experiments not shown that tie with the "
+        "last one shown).",
         md_table(["category", "augmented", "extractor", "representation", "detector", "AUROC",
-                  "AP", "F1 honest", "F1 oracle", "key"],
-                 [[r["category"], r["augmented"], extractor_label(r), r["representation"],
-                   r["detector_name"], r["auroc"], r["average_precision"], r["f1_honest"],
-                   r["f1_oracle"], f"`{r['key'][:12]}`"] for r in top],
-                 "lllllrrrrl"),
+                  "AP", "F1 honest", "F1 oracle", "key"], top_rows, "lllllrrrrl"),
     ))  # fmt: skip
 
     parts.append(_seed_spread_section(report.seed_spread, params.top_n))
@@ -1015,15 +1138,17 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
         "![augmentation benefit](figures/augmentation.png)",
     ))  # fmt: skip
 
-    fams, extractors, grid = heatmap_table(done)
-    figure_heatmap(fams, extractors, grid, figures / "heatmap.png")
+    fams, extractors, grids = heatmap_table(done, categories)
+    figure_heatmap(fams, extractors, grids, figures / "heatmap.png")
     parts.append(_section(
         "Best AUROC per detector family x backbone/layer",
-        "Per category the best AUROC among the cell's configs, averaged over the categories.",
+        "Per category the best AUROC among the cell's configs (one panel per category: "
+        "categories differ too much for a mean to describe any of them).",
         "![heatmap](figures/heatmap.png)",
-        md_table(["family", *extractors],
-                 [[f, *(None if np.isnan(v) else float(v) for v in grid[i])]
-                  for i, f in enumerate(fams)], "l" + "r" * len(extractors)),
+        md_table(["category", "family", *extractors],
+                 [[c, f, *(None if np.isnan(v) else float(v) for v in grid[i])]
+                  for c, grid in grids.items() for i, f in enumerate(fams)],
+                 "ll" + "r" * len(extractors)),
     ))  # fmt: skip
 
     figure_fit_time(done, figures / "fit_time.png")
@@ -1034,7 +1159,7 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
         )
     )
 
-    curves: dict[str, list[tuple[str, np.ndarray, np.ndarray, float]]] = {}
+    curves: dict[str, list[tuple[dict[str, Any], np.ndarray, np.ndarray]]] = {}
     for category, best_rows in top_per_category(done, params.roc_best_per_category).items():
         lines = []
         for rank, r in enumerate(best_rows):
@@ -1042,8 +1167,7 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
             if not 0 < y.sum() < y.size:
                 continue
             fpr, tpr, _ = roc_curve(y, ranking_scores(tie_safe_scores(s)))
-            label = f"{r['detector_name']} {extractor_label(r)}{' aug' if r['augmented'] else ''}"
-            lines.append((label, fpr, tpr, r["auroc"]))
+            lines.append((r, fpr, tpr))
             if rank == 0:
                 write_text_atomic(roc_dir / f"{category}.csv", "fpr,tpr\n" + "".join(
                     f"{a:.6g},{b:.6g}\n" for a, b in zip(fpr, tpr, strict=True)))  # fmt: skip
@@ -1056,7 +1180,8 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
         _section(
             f"ROC curves of each category's {params.roc_best_per_category} best configs",
             "![ROC curves](figures/roc.png)" if curves else "No curves (no scores stored).",
-            "Legend: AUROC and detector. `plots/roc/<category>.csv` holds the best one's curve "
+            "Legend (below each panel): rank, AUROC and the full config; colour: the "
+            "detector family (the same in every figure). `plots/roc/<category>.csv` holds the best one's curve "
             "for `dvc plots`.",
         )
     )
@@ -1112,6 +1237,7 @@ def report(params_path: str | Path) -> Report:
     write_json_atomic(out / "metrics.json", result.metrics)
     write_csv(out / "experiments.csv", rows)
     write_text_atomic(out / "report.md", text)
+    write_html(out)  # report.html: the same report as one offline page
     log.info("%s: %d experiments, %d categories; mean best AUROC %s (oracle), %s (honest)",
              out / "report.md", len(rows), len(categories),
              fmt(result.metrics["mean_best_auroc_oracle"]),

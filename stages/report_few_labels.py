@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,7 @@ from stages.errors import UserError
 from stages.few_labels import FewLabelsHyper, split
 from stages.methods import FAMILIES
 from stages.metrics import confusion_metrics, predict, ranking_metrics, ranking_scores
+from stages.palette import family_shades
 from stages.report import _save, _section, fmt, md_table
 from stages.results_db import Experiment, Image, Score
 
@@ -162,11 +163,17 @@ def few_labels_lines(engine: Engine, few: Sequence[dict[str, Any]],
     return out
 
 
-def figure_curves(category: str, lines: Sequence[Line], path: Path) -> None:
-    """ROC and precision-recall curves of the lines on the held-out images."""
+def figure_curves(category: str, lines: Sequence[Line], families: Sequence[str],
+                  path: Path) -> None:  # fmt: skip
+    """ROC and precision-recall curves of the lines on the held-out images; colour: the
+    line's detector family (``families``, as in every figure), shades within one family."""
     fig = Figure(figsize=(11, 4.4 + 0.3 * len(lines)), layout="constrained")
     roc_ax, pr_ax = fig.subplots(1, 2)
-    for i, line in enumerate(lines):
+    per_family = Counter(families)
+    seen: Counter[str] = Counter()
+    for line, family in zip(lines, families, strict=True):
+        colour = family_shades(family, per_family[family])[seen[family]]
+        seen[family] += 1
         if not 0 < line.y.sum() < len(line.y):
             continue
         ranked = ranking_scores(line.scores)
@@ -175,8 +182,8 @@ def figure_curves(category: str, lines: Sequence[Line], path: Path) -> None:
         style = "-" if line.kind == "labelled" else "--"
         label = (f"{line.kind}, label fraction {line.label_fraction:g}: ROC-AUC "
                  f"{fmt(line.metrics.get('auroc'), 3)}, {line.name}")  # fmt: skip
-        roc_ax.plot(fpr, tpr, style, color=f"C{i % 10}", label=label)
-        pr_ax.plot(recall, precision, style, color=f"C{i % 10}")
+        roc_ax.plot(fpr, tpr, style, color=colour, label=label)
+        pr_ax.plot(recall, precision, style, color=colour)
     roc_ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=0.8)
     roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
     pr_ax.set(xlabel="recall", ylabel="precision", title="precision-recall", ylim=(0, 1.02))
@@ -294,7 +301,8 @@ def few_labels_section(by_category: dict[str, list[Line]], rows: dict[str, dict[
                          fmt(m.get("accuracy")), fmt(m.get("precision")), fmt(m.get("recall")),
                          fmt(m.get("specificity")), counts, f"`{ln.key[:12]}`"])  # fmt: skip
         name = file_name(category)
-        figure_curves(category, lines, figures / name)
+        families = [rows[ln.key]["detector"] if ln.key in rows else "" for ln in lines]
+        figure_curves(category, lines, families, figures / name)
         parts.append(f"### {category}\n\n{md_table(header, table)}\n\n"
                      f"![ROC and PR curves of {category}](figures/{name})")  # fmt: skip
         parts += _figures(category, lines, rows, engine, figures, maps_dir, index)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from stages.errors import UserError
+from stages.palette import family_shades
 from stages.report import _save, _section, fmt, md_table
 from stages.results_db import Epoch, Experiment
 
@@ -192,7 +194,13 @@ def figure_curves(category: str, trained: Sequence[Trained], path: Path) -> None
 
     fig = Figure(figsize=(8.5, 4.2 + 0.45 * len(trained)), layout="constrained")
     ax = fig.subplots()
-    colours = [f"C{i}" for i in range(10)]
+    per_family = Counter(t.row["detector"] for t in trained)
+    seen: Counter[str] = Counter()
+    colours = []  # the family's colour (as in every figure), a shade per experiment of it
+    for t in trained:
+        family = t.row["detector"]
+        colours.append(family_shades(family, per_family[family])[seen[family]])
+        seen[family] += 1
     handles = [Line2D([], [], color="0.3", linestyle="-", label="training loss")]
     values: list[float] = []
     for i, t in enumerate(trained):
@@ -201,10 +209,10 @@ def figure_curves(category: str, trained: Sequence[Trained], path: Path) -> None
         for field, style in (("train_loss", "-"), ("val_loss", "--")):
             y = np.array([np.nan if e[field] is None else e[field] for e in t.curve], float)
             if np.isfinite(y).any():
-                ax.plot(epochs, y, color=colours[i % 10], linestyle=style, linewidth=1.6,
+                ax.plot(epochs, y, color=colours[i], linestyle=style, linewidth=1.6,
                         **markers)  # fmt: skip
                 values += [float(v) for v in y[np.isfinite(y)]]
-        handles.append(Line2D([], [], color=colours[i % 10], linewidth=2.5,
+        handles.append(Line2D([], [], color=colours[i], linewidth=2.5,
                               label=legend_label(t.row)))  # fmt: skip
     if any(e["val_loss"] is not None for t in trained for e in t.curve):
         handles.insert(1, Line2D([], [], color="0.3", linestyle="--",

@@ -33,6 +33,7 @@ from stages.engine import EngineParams, dask_client
 from stages.errors import UserError
 from stages.evaluate import evaluate
 from stages.features import load_feature_set
+from stages.methods import FAMILIES
 from stages.methods.unit import fold_assignment, image_groups
 from stages.metrics import (
     CONFIG_FIELDS,
@@ -44,9 +45,16 @@ from stages.metrics import (
     predict,
     threshold_metrics,
 )
+from stages.palette import family_colour, family_shades
 from stages.query import main as query_main
 from stages.query import submission, write_submission
-from stages.report import NEEDS_TWO, report
+from stages.report import (
+    NEEDS_TWO,
+    experiment_labels,
+    heatmap_table,
+    report,
+    top_with_ties,
+)
 from stages.results_db import open_db, scores_of
 from tests.eval_fixtures import make_workspace
 
@@ -202,6 +210,69 @@ def test_figures_exports_and_plots_are_written(run):
     assert {"key", "auroc", "f1_honest", "tp_oracle", "error"} <= set(exported[0])
     text = (out / "report.md").read_text()
     assert "| bottle | 3 | 2 | 2 | 1 |" in text  # the dataset statistics table
+
+
+def test_top_table_is_per_category_with_ties_noted(run):
+    _, root, _ = run
+    text = (root / "results" / "report.md").read_text()
+    shown = _md_rows(text, "Top 5 experiments by AUROC, per category")
+    for category in CATEGORIES:
+        expected = _sql(root, "select key, auroc from experiments where status='done' and "
+                              "category=? order by auroc desc, key", category)  # fmt: skip
+        rows = [r for r in shown if r[0] == category and r[-1]]
+        assert [r[-1] for r in rows] == [f"`{k[:12]}`" for k, _ in expected[:5]]
+        assert [r[5] for r in rows] == [f"{a:.4f}" for _, a in expected[:5]]
+        # ties with the last one shown (AUROCs equal within rounding) that are not shown
+        last = expected[4][1]
+        more = sum(1 for _, a in expected[5:] if abs(a - last) <= 1e-9)
+        notes = [r for r in shown if r[0] == category and not r[-1]]
+        assert notes == ([[category, "", "", "", f"*and {more} more at this AUROC*",
+                           f"{last:.4f}", "", "", "", ""]] if more else [])  # fmt: skip
+
+
+def test_top_with_ties_counts_near_equal_aurocs_as_one():
+    rows = [{"category": "A", "key": f"k{i}", "auroc": a}
+            for i, a in enumerate([0.9, 0.8, 0.8 + 1e-15, 0.8 - 1e-15, 0.8, 0.7])]  # fmt: skip
+    ((shown, more),) = top_with_ties(rows, ["A", "B"], 2).values()
+    assert [r["key"] for r in shown] == ["k0", "k1"] and more == 3
+    ((shown, more),) = top_with_ties(rows, ["A"], 5).values()
+    assert [r["key"] for r in shown] == ["k0", "k1", "k2", "k3", "k4"] and more == 0
+
+
+def test_heatmap_is_per_category_and_matches_sql(run):
+    _, root, result = run
+    families, extractors, grids = heatmap_table(result.done, result.categories)
+    assert list(grids) == list(CATEGORIES)
+    assert families == [f for f in FAMILIES if f in {"KernelDensity", "LocalOutlierFactor"}]
+    for category, grid in grids.items():
+        sql = _sql(root, "select detector, backbone || '-' || init || '/' || layer, max(auroc) "
+                         "from experiments where status='done' and category=? group by 1, 2",
+                   category)  # fmt: skip
+        assert np.isfinite(grid).sum() == len(sql)
+        for family, extractor, auroc in sql:
+            assert grid[families.index(family), extractors.index(extractor)] == auroc
+    text = (root / "results" / "report.md").read_text()
+    table = _md_rows(text, "Best AUROC per detector family x backbone/layer")
+    assert len(table) == len(families) * len(CATEGORIES)
+
+
+def test_family_colours_are_fixed_and_legend_labels_distinct():
+    colours = [family_colour(f) for f in FAMILIES]
+    assert len(set(colours)) == len(FAMILIES)  # one colour per family, whatever a run has
+    assert family_colour("PatchCore") == family_colour("PatchCore") != family_colour("PaDiM")
+    shades = family_shades("KNNDistance", 4)
+    assert shades[0] == family_colour("KNNDistance") and len(set(shades)) == 4
+    base = {"detector_name": "KNNDistance(n_neighbors=1)", "backbone": "resnet18",
+            "init": "imagenet", "layer": "layer2", "representation": "avg", "augmented": False,
+            "seed": 0}  # fmt: skip
+    rows = [{**base, "key": "aaaa1111"}, {**base, "seed": 1, "key": "bbbb2222"},
+            {**base, "augmented": True, "key": "cccc3333"},
+            {**base, "key": "dddd4444"}]  # fmt: skip
+    labels = experiment_labels(rows)
+    assert len(set(labels)) == len(rows)
+    assert "seed 1" in labels[1] and "key aaaa1111" in labels[0] and "augmented" in labels[2]
+    assert all("KNNDistance(n_neighbors=1)" in lab and "resnet18-imagenet/layer2" in lab
+               for lab in labels)  # fmt: skip
 
 
 def test_report_stage_command_line(run):
@@ -453,7 +524,8 @@ def test_query_top_failed_and_show(run, capsys):
     lines = capsys.readouterr().out.splitlines()
     expected = _sql(root, "select key, auroc from experiments where category='bottle' and "
                           "status='done' order by auroc desc, key limit 3")  # fmt: skip
-    assert [ln.split()[0] for ln in lines[2:5]] == [k[:12] for k, _ in expected]
+    assert lines[0].startswith("dataset: ") and "bottle (" in lines[0]  # the current one
+    assert [ln.split()[0] for ln in lines[3:6]] == [k[:12] for k, _ in expected]
     assert lines[-1] == "(3 experiments)"
     query_main(["--params", str(params), "top", "--augmented", "yes", "--where", "dim=8"])
     out = capsys.readouterr().out
