@@ -79,6 +79,13 @@ Params (section ``evaluate``; the feature sets come from ``<extract.out>/feature
   transforms, false only elsewhere; ``both`` = both everywhere (the study); ``off``.
 - ``detectors``: list of ``{family, grid: {name: [values]}, fixed: {name: value}}`` (the
   families: ``stages.methods.FAMILIES``; the study's 71 configs: params/study.yaml).
+- ``device`` (``auto``): where the families that train a network (reconstruction,
+  labelled, anomalib) run it: ``auto`` (CUDA when PyTorch sees it), ``cpu``, ``cuda``
+  (every visible GPU, one GPU worker each) or ``cuda:N``; CUDA not seen here is a one-line
+  error (with ``engine.address``, an explicit ``cuda`` is the workers' to check). Such a
+  unit on CUDA asks for the Dask worker resource ``GPU`` (1); the local cluster's first
+  workers offer it, one per GPU. Stored per experiment in ``experiments.device`` (not in
+  its key: a CPU result stays done when a GPU appears).
 - ``engine``: ``{address: null, n_workers: 2, threads_per_worker: 1, memory_limit: auto,
   allowed_failures: 0, connect_timeout_s: 10}``; ``address`` connects to a running Dask
   scheduler instead of starting a LocalCluster (workers need this repository importable
@@ -126,6 +133,7 @@ from stages.anomaly_maps import (
 from stages.augment import INDEX as AUGMENT_INDEX
 from stages.augment import check_augment_index, train_originals
 from stages.dataset import read_index
+from stages.device import GPU_RESOURCE, DeviceName, resolve_device
 from stages.engine import EngineParams, check_scheduler, dask_client, deadline, run_units
 from stages.errors import UserError, run_cli, setup_logging
 from stages.features import (
@@ -208,6 +216,8 @@ class EvaluateParams(Section):
     # The grid: data only (params.yaml; the study's 71 configs in params/study.yaml).
     detectors: Annotated[list[DetectorSpec], Field(min_length=1)]
     engine: EngineParams = EngineParams()
+    # The trained families' networks: auto (CUDA when PyTorch sees it), cpu, cuda, cuda:N.
+    device: DeviceName = "auto"
 
     @field_validator("threshold_folds")
     @classmethod
@@ -264,6 +274,7 @@ class Unit:
     index: str = ""  # the image index (absolute): where a patch unit finds its test masks
     workdir: str = "."  # relative paths in the index are relative to this
     scratch: str = ""  # evaluate.scratch (absolute): training checkpoints under training/
+    device: str = "cpu"  # a unit that trains: evaluate.device as resolved (stage_device)
 
     def label(self) -> str:
         f = self.features
@@ -523,7 +534,7 @@ def _per_config_rows(
                 continue
             for exp in group:
                 setting = Setting(unit.index, unit.workdir, unit.scratch, crop,
-                                  unit.features.category, exp.key)  # fmt: skip
+                                  unit.features.category, exp.key, device=unit.device)  # fmt: skip
                 with deadline(unit.timeout_s, Path(unit.notes) / f"{exp.key}.json"), \
                         run_setting(setting):  # fmt: skip
                     if holdout:
@@ -552,7 +563,7 @@ def labelled_row(unit: Unit, exp: Planned, X_train: np.ndarray, X_test: np.ndarr
     part = few_labels.split(per_image["image_ids"], per_image["defect_types"],
                             hp.label_fraction, hp.eval_fraction, hp.split_seed)  # fmt: skip
     setting = Setting(unit.index, unit.workdir, unit.scratch, crop, unit.features.category,
-                      exp.key)  # fmt: skip
+                      exp.key, device=unit.device)  # fmt: skip
     with deadline(unit.timeout_s, Path(unit.notes) / f"{exp.key}.json"), run_setting(setting):
         outcome = family.fit_labelled(X_train, X_test[part.labelled], y[part.labelled],
                                       X_test[part.held], exp.detector, exp.seed)  # fmt: skip
@@ -623,6 +634,8 @@ def _finish(unit: Unit, exp: Planned, outcome: Outcome, y: np.ndarray, meta: dic
             crop: bool = True) -> ExperimentRow:  # fmt: skip
     row = _row(unit.features, exp, outcome, y, meta, unit.threshold_quantile,
                unit.threshold_folds, masks, crop)  # fmt: skip
+    if FAMILIES[exp.detector.family].trains:  # where its network ran: experiments.device
+        row = replace(row, config={**row.config, "device": unit.device.partition(":")[0]})
     if row.status != "done":
         return row
     row = replace(row, **per_image, curve=list(outcome.curve or []))
@@ -1009,6 +1022,59 @@ def unit_parts(experiments: Sequence[Planned]) -> list[tuple[Planned, ...]]:
     return trains + ([rest] if rest else [])
 
 
+def stage_device(params: EvaluateParams, where: str | Path = "") -> str:
+    """``evaluate.device`` as the units that train get it: ``cpu``, ``cuda`` (each GPU
+    worker its own GPU: ``stages.methods.epochs.run_device``) or ``cuda:N``; a one-line
+    error naming the key when it asks for CUDA that PyTorch does not see here. With a
+    remote scheduler an explicit ``cuda`` is the workers' to check (their GPUs, not this
+    machine's); ``auto`` is always this machine's view."""
+    if params.engine.address and params.device.startswith("cuda"):
+        return params.device
+    try:
+        device = resolve_device(params.device, "evaluate.device")
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}" if where else str(exc)) from None
+    if device.type == "cpu":
+        return "cpu"
+    return "cuda" if params.device == "auto" else params.device
+
+
+def unit_device(experiments: Sequence[Planned], device: str) -> str:
+    """A unit's device: ``device`` when it trains a network, else the CPU."""
+    return device if any(FAMILIES[e.detector.family].trains for e in experiments) else "cpu"
+
+
+def unit_resources(unit: Unit) -> dict[str, float] | None:
+    """The Dask worker resources a unit asks for: a GPU when it trains on CUDA."""
+    return {GPU_RESOURCE: 1} if unit.device.startswith("cuda") else None
+
+
+def gpu_workers(units: Sequence[Unit], n_workers: int) -> dict[str, Any]:
+    """``dask_client``'s resource options for the local cluster: one worker per GPU the
+    units may use (every visible one for ``cuda``, one for ``cuda:N``), at most every
+    worker; none when no unit runs on CUDA."""
+    devices = {u.device for u in units if u.device.startswith("cuda")}
+    if not devices:
+        return {}
+    import torch
+
+    gpus = torch.cuda.device_count() if "cuda" in devices else 1
+    return {"resources": {GPU_RESOURCE: 1}, "resource_workers": max(1, min(gpus, n_workers))}
+
+
+def check_gpu_workers(client: Client, units: Sequence[Unit]) -> None:
+    """A one-line error instead of units that would wait forever: some unit asks for a
+    GPU and no worker of the cluster offers one."""
+    if not any(unit_resources(u) for u in units):
+        return
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    if not any((w.get("resources") or {}).get(GPU_RESOURCE, 0) >= 1 for w in workers):
+        raise UserError(f"evaluate.device: {units[0].device} asked, but no Dask worker offers "
+                        f"the {GPU_RESOURCE} resource: start GPU workers with `dask worker "
+                        f"<scheduler> --resources {GPU_RESOURCE}=1` (README 'Scaling out'), "
+                        "or set evaluate.device: cpu")  # fmt: skip
+
+
 def _split(unit: Unit) -> list[Unit]:
     half = len(unit.experiments) // 2
     if half == 0:
@@ -1020,6 +1086,7 @@ def _split(unit: Unit) -> list[Unit]:
 
 
 def _run(units: list[Unit], params: EvaluateParams, recorder: Recorder, client: Client) -> None:
+    check_gpu_workers(client, units)
     notes = Path(units[0].notes)
 
     def explain_death(unit: Unit) -> list[Unit] | None:
@@ -1065,6 +1132,7 @@ def _run(units: list[Unit], params: EvaluateParams, recorder: Recorder, client: 
         scratch=Path(params.scratch) / "faults",
         threads=params.engine.threads_per_worker,
         name="evaluate-unit",
+        resources=unit_resources,
     )
 
 
@@ -1095,8 +1163,10 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
     """
     params = load_section(params_path, "evaluate", EvaluateParams)
     assert isinstance(params, EvaluateParams)
+    device = stage_device(params, params_path)  # CUDA asked and not here: before anything
     root = load_params(params_path)
     detectors, setting = resolved_detectors(params, root, params_path)
+    setting = replace(setting, device=device)
     if client is None:
         check_scheduler(params.engine, "evaluate.engine", params_path)
     extract_out = Path((root.extract or {}).get("out", "cache/features"))
@@ -1179,7 +1249,7 @@ def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, lis
                 units.append(Unit(fs, part, params.timeout_s, str(notes.resolve()),
                                   params.threshold_quantile, params.shared,
                                   params.threshold_folds, index, str(Path.cwd()),
-                                  setting.scratch))  # fmt: skip
+                                  setting.scratch, unit_device(part, setting.device)))  # fmt: skip
         n_todo = sum(len(u.experiments) for u in units)
         not_done = sum(1 for k in keys if known.get(k) in FINAL_NOT_DONE)
         log.info("%d experiments in the grid (%d feature sets x %d detector configs x "
@@ -1207,7 +1277,9 @@ def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, lis
                 if client is not None:
                     _run(units, params, recorder, client)
                 else:
-                    with dask_client(params.engine) as own:
+                    with dask_client(
+                        params.engine, **gpu_workers(units, params.engine.n_workers)
+                    ) as own:
                         _run(units, params, recorder, own)
             finally:
                 recorder.bar.close()

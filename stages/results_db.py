@@ -179,6 +179,9 @@ class Experiment(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     code_version: Mapped[str] = mapped_column(String(64))
+    # Where a family that trains ran its network (cpu or cuda: evaluate.device); NULL for
+    # the other families and for rows written before it was recorded.
+    device: Mapped[str | None] = mapped_column(String(16))
 
 
 class Image(Base):

@@ -126,7 +126,7 @@ class Setting:
     their own: anomalib's models): the image index (absolute), the folder its relative
     paths start from, the evaluate stage's scratch folder (shared with workers), the
     extraction's geometry (``crop``); at run time also the experiment's category and key
-    (``run_setting``), e.g. to name its training checkpoints."""
+    (``run_setting``), e.g. to name its training checkpoints, and the device it trains on."""
 
     index: str = ""
     workdir: str = "."
@@ -138,6 +138,9 @@ class Setting:
     # A ``holdout`` family's queries end with this many held-out good training images
     # (after the test images): the validation slice a training loop may report a loss on.
     held: int = 0
+    # Where a family that trains runs its network (``evaluate.device`` as the stage
+    # resolved it: cpu, cuda or cuda:N; ``stages.methods.epochs.run_device``).
+    device: str = "cpu"
 
 
 def training_dir(scratch: str | Path, key: str) -> Path:

@@ -18,12 +18,21 @@ reconstruction pass, a supervised one, a contrastive one).
   lower loss training stops. Either way the model ends with its best epoch's weights.
 - **Curve.** Per epoch: the training loss (mean over its images), the validation loss
   (``None`` without a validation set) and seconds.
+- **Device** (``evaluate.device``, :func:`run_device`): the model and its batches on the
+  experiment's device (pinned memory and asynchronous copies on CUDA), scores and maps back
+  on the CPU. Checkpoints hold CPU tensors only and load with ``map_location="cpu"`` (the
+  optimizer's state follows its parameters' device), so a training checkpointed on CUDA
+  resumes on the CPU and vice versa (continuing on another device's kernels: not bitwise
+  what an uninterrupted run computes). On CUDA, cuDNN runs deterministic and unbenchmarked,
+  PyTorch's deterministic algorithms are on (ops without a deterministic CUDA kernel warn)
+  and cuBLAS gets a fixed workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8``): same device
+  model, seed, PyTorch and CUDA versions, same bits.
 """
 
 from __future__ import annotations
 
-import copy
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,12 +43,62 @@ import numpy as np
 import torch
 from torch import nn
 
+from stages.device import resolve_device
 from stages.io import atomic_path
-from stages.methods.base import say
+from stages.methods.base import Setting, say
 
 CHECKPOINT = "epoch.pt"
 # One epoch: (epoch index from 0, its generator) -> (training loss, validation loss or None).
 EpochStep = Callable[[int, np.random.Generator], tuple[float, float | None]]
+
+
+def run_device(setting: Setting | None) -> torch.device:
+    """The device an experiment's network runs on: its setting's ``device`` (the stage's
+    ``evaluate.device``, resolved; the CPU outside the stage). Plain ``cuda`` in a local
+    cluster's GPU worker (named by its number) is that worker's own GPU, ``cuda:<name>``;
+    elsewhere ``cuda:0`` of the GPUs the worker sees. On CUDA, the deterministic settings."""
+    spec = setting.device if setting is not None else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+    device = resolve_device(spec, "evaluate.device")
+    if spec == "cuda":
+        name = _worker_name()
+        if isinstance(name, int) and name < torch.cuda.device_count():
+            device = torch.device("cuda", name)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return device
+
+
+def _worker_name() -> object:
+    try:
+        from distributed import get_worker
+
+        return get_worker().name
+    except ValueError:  # not in a Dask worker
+        return None
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``: through pinned memory, asynchronously, on CUDA (the
+    same tensor on the CPU)."""
+    if device.type != "cuda":
+        return x
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def cpu_state(value: Any) -> Any:
+    """``value`` (a state dict, nested) with every tensor copied to the CPU: what a
+    checkpoint holds, whatever the training's device."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_state(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(cpu_state(v) for v in value)
+    return value
 
 
 def batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -67,7 +126,7 @@ class EarlyStopping:
             return False
         if loss < self.best:
             self.best, self.best_epoch, self.waited = loss, epoch, 0
-            self.weights = copy.deepcopy(model.state_dict())
+            self.weights = cpu_state(model.state_dict())
             return False
         self.waited += 1
         return self.waited >= self.patience
@@ -125,7 +184,8 @@ def train_epochs(model: nn.Module, optimizer: torch.optim.Optimizer,
             say(f"{label}: stopped early at epoch {epoch + 1} of {epochs} (best: epoch "
                 f"{stopping.best_epoch})")  # fmt: skip
         if path is not None:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            state = {"model": cpu_state(model.state_dict()),
+                     "optimizer": cpu_state(optimizer.state_dict()),
                      "scheduler": None if scheduler is None else scheduler.state_dict(),
                      "stopping": {"best": stopping.best, "best_epoch": stopping.best_epoch,
                                   "waited": stopping.waited, "weights": stopping.weights},

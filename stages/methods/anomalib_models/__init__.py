@@ -17,7 +17,8 @@ are the torch model's raw outputs (no anomalib post-processing, no anomalib metr
 evaluate stage computes every metric as for any other row. anomalib's maps are final (its
 PatchCore blurs its own), so ``map_sigma`` is 0.
 
-Training (:mod:`.training`): seeded and deterministic on the CPU, checkpointed every
+Training (:mod:`.training`): on ``evaluate.device`` (Lightning's accelerator), seeded and
+deterministic on the CPU (on CUDA: ``deterministic="warn"``), checkpointed every
 ``checkpoint_every`` steps under ``evaluate.scratch``/training (removed when the experiment
 is done), resumed from the last checkpoint after a kill. One training per experiment: the
 model trains on all but the first of the ``threshold_folds`` folds of the training images
@@ -219,6 +220,7 @@ class AnomalibFamily(Family):
         t0 = time.perf_counter()
         try:
             from stages.methods.anomalib_models.models import build, train_and_score
+            from stages.methods.epochs import run_device
 
             setting = current_setting() or Setting()
             hp = self.hyperparams(config)
@@ -227,7 +229,9 @@ class AnomalibFamily(Family):
             workdir = (
                 checkpoint_dir(setting) or Path(setting.scratch or ".") / "training" / "unnamed"
             )
-            out = train_and_score(model, hp, X_train, X_test, seed, workdir, label)
+            out = train_and_score(
+                model, hp, X_train, X_test, seed, workdir, label, run_device(setting)
+            )
         except UserError:
             raise
         except Exception as exc:

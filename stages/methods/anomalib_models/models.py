@@ -168,8 +168,11 @@ def calibration(images: torch.Tensor, hp: AnomalibHyper, seed: int) -> list[torc
 
 
 def train_and_score(model: Any, hp: AnomalibHyper, X_train: np.ndarray, X_test: np.ndarray,
-                    seed: int, workdir: Path, label: str) -> Scores:  # fmt: skip
-    """Train (or resume, or load a finished training), then score the test images."""
+                    seed: int, workdir: Path, label: str,
+                    device: torch.device | None = None) -> Scores:  # fmt: skip
+    """Train (or resume, or load a finished training), then score the test images, on
+    ``device`` (``None``: the CPU)."""
+    device = device or torch.device("cpu")
     from stages.methods.anomalib_models import MODELS
 
     spec = MODELS[str(hp.model)]
@@ -182,14 +185,15 @@ def train_and_score(model: Any, hp: AnomalibHyper, X_train: np.ndarray, X_test: 
             model._train_batches = calibration(train_images, hp, seed)
         train(model, train_images, batch_size=batch_size(hp), seed=seed, workdir=workdir,
               max_steps=hp.max_steps if spec.trains else None, every=hp.checkpoint_every,
-              label=label)  # fmt: skip
+              label=label, device=device)  # fmt: skip
+        model.to(device)  # Lightning hands the model back on the CPU
         if spec.layers is None:  # and its map quantiles (anomalib's: on good validation images)
             with torch.no_grad(), quiet():
                 batches = [_batch(model.pre_processor.transform(x)) for x in model._train_batches]
                 model.model.quantiles.update(model.map_norm_quantiles(batches))
         t1 = time.perf_counter()
         with quiet():
-            scores, maps = score(model, test_images, DEFAULT_BATCH)
+            scores, maps = score(model, test_images, DEFAULT_BATCH, device)
         t2 = time.perf_counter()
     finally:
         torch.set_num_threads(threads)  # Lightning may change it

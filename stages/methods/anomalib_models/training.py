@@ -17,6 +17,10 @@ images, resumable and deterministic, then scored without anomalib's post-process
 - **Scores.** :func:`score` runs the torch model in eval mode on the pre-processed images:
   raw image scores and anomaly maps, the inputs of the project's own metrics (anomalib's
   post-processor would min-max normalise and clamp them).
+- **Device** (``evaluate.device``): Lightning's ``accelerator``/``devices`` (``cpu``, or
+  ``gpu`` on the one CUDA device, ``deterministic="warn"``); Lightning moves the model and
+  batches and reloads checkpoints onto its device; scoring runs there too, results on the
+  CPU.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from stages.methods.base import say
+from stages.methods.epochs import to_device
 
 CHECKPOINT = "last.ckpt"
 
@@ -167,9 +172,11 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def train(model: Any, images: torch.Tensor, *, batch_size: int, max_steps: int | None,
-          seed: int, workdir: Path, every: int, label: str) -> dict[str, Any]:  # fmt: skip
-    """Fit ``model`` through anomalib's ``Engine`` on ``images``; resume from the checkpoint
-    in ``workdir`` when there is one. Returns what happened (``steps``, ``resumed_from``)."""
+          seed: int, workdir: Path, every: int, label: str,
+          device: torch.device | None = None) -> dict[str, Any]:  # fmt: skip
+    """Fit ``model`` through anomalib's ``Engine`` on ``images`` on ``device`` (``None``:
+    the CPU); resume from the checkpoint in ``workdir`` when there is one. Returns what
+    happened (``steps``, ``resumed_from``)."""
     from anomalib.callbacks.checkpoint import ModelCheckpoint
     from anomalib.engine import Engine
 
@@ -187,10 +194,10 @@ def train(model: Any, images: torch.Tensor, *, batch_size: int, max_steps: int |
         say(f"{label}: resuming training from step {start} of {n_steps} (checkpoint {path})")
     stream = StepStream(images, batch_size, n_steps, start or 0, seed, shuffle=trained)
     limits = {"max_steps": n_steps, "max_epochs": -1} if trained else {}
+    where = accelerator(device or torch.device("cpu"))
     engine = Engine(
         default_root_dir=workdir / "engine",
-        accelerator="cpu",
-        devices=1,
+        **where,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -215,6 +222,14 @@ def train(model: Any, images: torch.Tensor, *, batch_size: int, max_steps: int |
     return {"steps": n_steps, "resumed_from": start}
 
 
+def accelerator(device: torch.device) -> dict[str, Any]:
+    """Lightning's ``accelerator``, ``devices`` (and, on CUDA, ``deterministic``) for
+    ``device``."""
+    if device.type == "cuda":
+        return {"accelerator": "gpu", "devices": [device.index or 0], "deterministic": "warn"}
+    return {"accelerator": "cpu", "devices": 1}
+
+
 def resume_only(model: Any, path: Path) -> None:
     """Load a finished training's weights (and buffers: PaDiM's statistics, EfficientAd's
     normalisation) from its checkpoint instead of training again."""
@@ -223,18 +238,22 @@ def resume_only(model: Any, path: Path) -> None:
 
 
 @torch.no_grad()
-def score(model: Any, images: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def score(model: Any, images: torch.Tensor, batch_size: int,
+          device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Raw image scores ``(n,)`` float64 and anomaly maps ``(n, h, w)`` float32 of the
-    torch model in eval mode, on the images pre-processed as in training."""
-    model.eval()
+    torch model in eval mode on ``device`` (``None``: the CPU; the model is moved there),
+    on the CPU images moved there and pre-processed as in training."""
+    device = device or torch.device("cpu")
+    model.to(device).eval()
     net = model.model.eval()
     transform = model.pre_processor.transform if model.pre_processor else None
     scores, maps = [], []
     for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].float()
+        x = to_device(images[start : start + batch_size].float(), device)
         if transform is not None:
             x = transform(x)
         out = net(x)
-        scores.append(out.pred_score.reshape(len(x)).double().numpy())
-        maps.append(out.anomaly_map.reshape(len(x), *out.anomaly_map.shape[-2:]).float().numpy())
+        scores.append(out.pred_score.reshape(len(x)).double().cpu().numpy())
+        amap = out.anomaly_map.reshape(len(x), *out.anomaly_map.shape[-2:]).float()
+        maps.append(amap.cpu().numpy())
     return np.concatenate(scores), np.concatenate(maps)

@@ -19,6 +19,8 @@ pooled backbone encoder, and the one experiment's train-then-score.
   evaluation labels). With them, each evaluation image's embedding (the classifier's
   penultimate features: ``Outcome.embeddings``, for the report's t-SNE) and its Grad-CAM
   at the encoder's deepest block (:mod:`.grad_cam`): the anomaly map of the pixel metrics.
+- **Device** (``evaluate.device``, :func:`stages.methods.epochs.run_device`): the network
+  and its batches there; probabilities, embeddings and maps come back on the CPU.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from stages.methods.base import (
     current_setting,
     error_text,
 )
+from stages.methods.epochs import run_device, to_device
 from stages.methods.reconstruction.training import resize
 
 THRESHOLD = 0.5  # a probability of "anomalous": the classifiers' own decision threshold
@@ -141,10 +144,13 @@ class Encoder(nn.Module):
 @torch.no_grad()
 def evaluated(net: nn.Module, X: torch.Tensor, batch_size: int,
               call: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
-    """``net`` (or ``call``, one of its methods) over ``X`` in eval mode, in batches."""
+    """``net`` (or ``call``, one of its methods) over the CPU images ``X`` in eval mode, in
+    batches on the network's device; the result on the CPU."""
     net.eval()
     fn = call or net
-    return torch.cat([fn(X[i : i + batch_size]) for i in range(0, len(X), batch_size)])
+    device = next(net.parameters()).device
+    return torch.cat([fn(to_device(X[i : i + batch_size], device)).cpu()
+                      for i in range(0, len(X), batch_size)])  # fmt: skip
 
 
 class LabelledFamily(Family):
@@ -157,11 +163,12 @@ class LabelledFamily(Family):
 
     # --- what a family defines -------------------------------------------------------------
     def train(self, hp: Any, X_good: torch.Tensor, X_labelled: torch.Tensor,
-              y_labelled: np.ndarray, seed: int, workdir: Path | None,
-              label: str) -> tuple[Scorer, list]:  # fmt: skip
-        """Train on the (resized) good and labelled images (checkpoints in ``workdir``, the
-        log lines start with ``label``); the scorer of new images (probabilities and
-        embeddings) and the learning curve."""
+              y_labelled: np.ndarray, seed: int, workdir: Path | None, label: str,
+              device: torch.device | None = None) -> tuple[Scorer, list]:  # fmt: skip
+        """Train on the (resized, CPU) good and labelled images on ``device`` (``None``: the
+        CPU; checkpoints in ``workdir``, the log lines start with ``label``); the scorer of
+        new CPU images (probabilities, embeddings, maps: on the CPU) and the learning
+        curve."""
         raise NotImplementedError
 
     def check(self, hp: Any) -> None:
@@ -206,7 +213,7 @@ class LabelledFamily(Family):
                      if setting else self.name)  # fmt: skip
             score, curve = self.train(hp, resize(X_good, hp.image_size),
                                       resize(X_labelled, hp.image_size), y, seed,
-                                      checkpoint_dir(setting), label)  # fmt: skip
+                                      checkpoint_dir(setting), label, run_device(setting))  # fmt: skip
             t1 = time.perf_counter()
             scores, embeddings, maps = score(resize(X_eval, hp.image_size))
             t2 = time.perf_counter()

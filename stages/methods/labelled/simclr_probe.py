@@ -10,8 +10,9 @@ SimCLR ResNet-50 with a linear classifier on 10% labelled data).
   (random resized crop down to ``min_scale`` of the area, horizontal flip, colour jitter
   with probability ``color_jitter``, grayscale ``gray_scale``, Gaussian blur ``blur``),
   applied to each image as an 8-bit PIL image (its documented input, about ten times
-  faster than on tensors). Its draws come from torch's generator and numpy's global one,
-  both seeded per (seed, epoch) (numpy's global state is restored afterwards).
+  faster than on tensors), on the CPU; the network runs on ``evaluate.device``. Its draws
+  come from torch's (CPU) generator and numpy's global one, both seeded per (seed, epoch)
+  (numpy's global state is restored afterwards).
 - **Probe.** The encoder's embeddings (not the projection's) of the labelled images and of
   the good training images (extra negatives), standardised, to scikit-learn's
   ``LogisticRegression`` (``C = probe_c``, balanced class weights, seeded).
@@ -38,7 +39,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from stages.methods.base import Fraction, PositiveFloat, PositiveInt
-from stages.methods.epochs import batches, train_epochs
+from stages.methods.epochs import batches, to_device, train_epochs
 from stages.methods.labelled.base import (
     Encoder,
     LabelledFamily,
@@ -114,8 +115,8 @@ class SimCLRProbeFamily(LabelledFamily):
     hyper = SimCLRProbeHyper
 
     def train(self, hp: SimCLRProbeHyper, X_good: torch.Tensor, X_labelled: torch.Tensor,
-              y_labelled: np.ndarray, seed: int, workdir: Path | None,
-              label: str) -> tuple[Scorer, list]:  # fmt: skip
+              y_labelled: np.ndarray, seed: int, workdir: Path | None, label: str,
+              device: torch.device | None = None) -> tuple[Scorer, list]:  # fmt: skip
         from lightly.loss import NTXentLoss
         from lightly.transforms import SimCLRViewTransform
 
@@ -126,8 +127,9 @@ class SimCLRProbeFamily(LabelledFamily):
                                    gaussian_blur=hp.blur, normalize=None)  # fmt: skip
         images = to_pil(X_good)
         loss_fn = NTXentLoss(temperature=hp.temperature)
+        device = device or torch.device("cpu")
         net = SimCLRNet(Encoder(hp.backbone, hp.init, hp.unfreeze, seed), hp.projection_hidden,
-                        hp.projection_dim)  # fmt: skip
+                        hp.projection_dim).to(device)  # fmt: skip
         optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad],
                                       lr=hp.lr, weight_decay=hp.weight_decay)  # fmt: skip
 
@@ -136,7 +138,10 @@ class SimCLRProbeFamily(LabelledFamily):
             total = 0.0
             with numpy_global_seed(int(rng.integers(2**31))):
                 for batch in batches(rng.permutation(len(images)), hp.batch_size):
-                    a, b = (torch.stack([view(images[i]) for i in batch]) for _ in range(2))
+                    a, b = (
+                        to_device(torch.stack([view(images[i]) for i in batch]), device)
+                        for _ in range(2)
+                    )  # the views on the CPU (PIL), in order
                     loss = loss_fn(net(a), net(b))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -157,7 +162,7 @@ class SimCLRProbeFamily(LabelledFamily):
         def score(X: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             Z = evaluated(net.encoder, X, hp.batch_size).numpy()
             p = probe.predict_proba(Z)[:, list(probe.classes_).index(True)]
-            classifier = nn.Sequential(net.encoder, probe_layer(probe))
+            classifier = nn.Sequential(net.encoder, probe_layer(probe).to(device))
             maps = grad_cam(classifier, net.encoder.features, X, 0, p, hp.batch_size)
             return p, Z, maps
 

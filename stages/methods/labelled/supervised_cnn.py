@@ -32,7 +32,7 @@ from pydantic import Field
 from torch import nn
 
 from stages.methods.base import PositiveInt
-from stages.methods.epochs import batches, train_epochs
+from stages.methods.epochs import batches, to_device, train_epochs
 from stages.methods.labelled.base import (
     Encoder,
     LabelledFamily,
@@ -99,17 +99,18 @@ class SupervisedCNNFamily(LabelledFamily):
     hyper = SupervisedCNNHyper
 
     def train(self, hp: SupervisedCNNHyper, X_good: torch.Tensor, X_labelled: torch.Tensor,
-              y_labelled: np.ndarray, seed: int, workdir: Path | None,
-              label: str) -> tuple[Scorer, list]:  # fmt: skip
+              y_labelled: np.ndarray, seed: int, workdir: Path | None, label: str,
+              device: torch.device | None = None) -> tuple[Scorer, list]:  # fmt: skip
+        device = device or torch.device("cpu")
         X = torch.cat([X_good, X_labelled])
         y = np.concatenate([np.zeros(len(X_good), dtype=np.int64), y_labelled.astype(np.int64)])
         train, val = validation_split(y, hp.val_fraction if hp.patience else 0.0, seed)
         counts = np.bincount(y[train], minlength=2)
         weight = torch.tensor(len(train) / (2.0 * counts), dtype=torch.float32)
-        loss_fn = nn.CrossEntropyLoss(weight=weight)
+        loss_fn = nn.CrossEntropyLoss(weight=weight).to(device)
         target = torch.from_numpy(y)
         net = Classifier(Encoder(hp.backbone, hp.init, hp.unfreeze, seed), hp.hidden,
-                         hp.dropout, hp.hidden_dropout)  # fmt: skip
+                         hp.dropout, hp.hidden_dropout).to(device)  # fmt: skip
         optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad],
                                       lr=hp.lr, weight_decay=hp.weight_decay)  # fmt: skip
         steps = len(batches(train, hp.batch_size))
@@ -121,7 +122,8 @@ class SupervisedCNNFamily(LabelledFamily):
             total = 0.0
             for batch in batches(rng.permutation(train), hp.batch_size):
                 x = flip(X[batch], rng) if hp.flips else X[batch]
-                loss = loss_fn(net(x), target[batch])
+                x, t = to_device(x, device), to_device(target[batch], device)
+                loss = loss_fn(net(x), t)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -130,7 +132,8 @@ class SupervisedCNNFamily(LabelledFamily):
             if not len(val):
                 return total / len(train), None
             logits = evaluated(net, X[val], hp.batch_size)
-            return total / len(train), float(loss_fn(logits, target[val]))
+            val_loss = loss_fn(logits.to(device), target[val].to(device))
+            return total / len(train), float(val_loss)
 
         curve = train_epochs(net, optimizer, scheduler, epoch, epochs=hp.epochs, seed=seed,
                              patience=hp.patience, workdir=workdir, label=label)  # fmt: skip
@@ -138,7 +141,7 @@ class SupervisedCNNFamily(LabelledFamily):
         def score(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             hidden = evaluated(net, images, hp.batch_size, net.penultimate)
             with torch.no_grad():
-                logits = net.head[4:](hidden)
+                logits = net.head[4:](hidden.to(device)).cpu()
             p = logits.softmax(dim=1)[:, 1].numpy()
             maps = grad_cam(net, net.encoder.features, images, 1, p, hp.batch_size)
             return p, hidden.numpy(), maps

@@ -9,7 +9,8 @@ module does the rest:
   in [0, 1], the same crop as every backbone), resized to ``image_size``.
 - **Training** (:mod:`.training`): on all but the held-out fold of the good training
   images (``Family.holdout``); per epoch the training loss and that of the held-out images
-  go to the ``epochs`` table; checkpoints every epoch under ``evaluate.scratch``/training.
+  go to the ``epochs`` table; checkpoints every epoch under ``evaluate.scratch``/training;
+  on ``evaluate.device`` (:func:`stages.methods.epochs.run_device`).
 - **Scores and maps.** The anomaly map is the per-pixel squared residual averaged over the
   RGB channels, at ``image_size``; the stage resizes it to the model's 224 input and blurs
   it (sigma 4, as for the patch methods) for pixel AUROC and AUPRO. The image score is the
@@ -42,6 +43,7 @@ from stages.methods.base import (
     current_setting,
     error_text,
 )
+from stages.methods.epochs import run_device
 from stages.methods.reconstruction.networks import Reconstruction, reconstruction_loss
 from stages.methods.reconstruction.training import fit, reconstruct, resize, to_uint8
 from stages.patch.maps import SIGMA, anomaly_maps
@@ -120,6 +122,7 @@ class ReconstructionFamily(Family):
                 epochs=hp.epochs, lr=hp.lr, weight_decay=hp.weight_decay,
                 batch_size=hp.batch_size, degrees=hp.rotation if hp.train_augment else None,
                 seed=seed, workdir=checkpoint_dir(setting), label=label,
+                device=run_device(setting),
             )  # fmt: skip
             t1 = time.perf_counter()
             out = reconstruct(net, queries, hp.batch_size)

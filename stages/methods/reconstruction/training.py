@@ -12,6 +12,9 @@ scoring by reconstruction residuals.
   resampling (``affine_grid``/``grid_sample``, reflection padding: no black corners).
 - **Curve.** Per epoch: the mean training loss over its batches (weighted by batch size),
   the loss of the held-out good images in eval mode (``None`` without them) and seconds.
+- **Device** (``device``): the network and the training images on it (copied once, pinned
+  and asynchronously on CUDA; the augmentation runs there too); reconstructions come back
+  on the CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.methods.epochs import train_epochs
+from stages.methods.epochs import to_device, train_epochs
 from stages.methods.reconstruction.networks import Reconstruction
 
 Objective = Callable[[torch.Tensor, Reconstruction], torch.Tensor]
@@ -50,7 +53,8 @@ def augment(x: torch.Tensor, rng: np.random.Generator, degrees: float) -> torch.
     cos, sin = np.cos(angle), np.sin(angle)
     theta = np.stack([np.stack([cos * flip_x, -sin * flip_y, np.zeros(n)], 1),
                       np.stack([sin * flip_x, cos * flip_y, np.zeros(n)], 1)], 1)  # fmt: skip
-    grid = F.affine_grid(torch.from_numpy(theta).float(), list(x.shape), align_corners=False)
+    theta_t = torch.from_numpy(theta).float().to(x.device)
+    grid = F.affine_grid(theta_t, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -64,16 +68,22 @@ def mean_loss(net: nn.Module, objective: Objective, X: torch.Tensor, batch_size:
     """The objective over ``X`` in eval mode, weighted by batch size."""
     net.eval()
     total = sum(float(objective(X[b], net(X[b]))) * len(b) for b in _batches(len(X), batch_size))
-    return total / len(X)
+    return total / len(X)  # X on the network's device
 
 
 def fit(net: nn.Module, objective: Objective, X: torch.Tensor, X_val: torch.Tensor | None,
         *, epochs: int, lr: float, weight_decay: float, batch_size: int, degrees: float | None,
-        seed: int, workdir: Path | None, label: str) -> list[dict[str, Any]]:  # fmt: skip
+        seed: int, workdir: Path | None, label: str,
+        device: torch.device | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Train ``net`` (Adam) on ``X`` for ``epochs`` (:func:`stages.methods.epochs.train_epochs`:
-    seeded per epoch, checkpointed, resumed from ``workdir``); ``degrees``: augment with this
-    rotation range (``None``: no augmentation). Returns the learning curve, one entry per
-    epoch (also those of a previous, interrupted run)."""
+    seeded per epoch, checkpointed, resumed from ``workdir``) on ``device`` (``net`` is moved
+    there and stays; ``None``: the CPU); ``degrees``: augment with this rotation range (``None``: no
+    augmentation). Returns the learning curve, one entry per epoch (also those of a
+    previous, interrupted run)."""
+    device = device or torch.device("cpu")
+    net.to(device)
+    X = to_device(X, device)
+    X_val = None if X_val is None else to_device(X_val, device)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
@@ -98,11 +108,14 @@ def fit(net: nn.Module, objective: Objective, X: torch.Tensor, X_val: torch.Tens
 
 @torch.no_grad()
 def reconstruct(net: nn.Module, X: torch.Tensor, batch_size: int) -> Reconstruction:
-    """Every image's reconstruction (eval mode: the VAE decodes its mean)."""
+    """Every image's reconstruction (eval mode: the VAE decodes its mean), on the CPU
+    whatever the network's device (``X``: CPU images)."""
     net.eval()
-    outs = [net(X[b]) for b in _batches(len(X), batch_size)]
-    kl = None if outs[0].kl is None else torch.cat([o.kl for o in outs])
-    return Reconstruction(torch.cat([o.images for o in outs]), kl)
+    device = next(net.parameters()).device
+    Xd = to_device(X, device)
+    outs = [net(Xd[b]) for b in _batches(len(X), batch_size)]
+    kl = None if outs[0].kl is None else torch.cat([o.kl for o in outs]).cpu()
+    return Reconstruction(torch.cat([o.images for o in outs]).cpu(), kl)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
