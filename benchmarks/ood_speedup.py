@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -315,6 +316,7 @@ class Shared:
     calls: dict[str, Cost] = field(default_factory=dict)
     share: dict[str, Cost] = field(default_factory=dict)
     quantities: dict[str, Cost] = field(default_factory=dict)  # each one's own seconds
+    gram_cpu: dict[str, float] = field(default_factory=dict)  # CPU s of the Gram, in ``share``
     scores: dict[tuple[bool, DetectorConfig], np.ndarray] = field(default_factory=dict)
     errors: dict[tuple[bool, DetectorConfig], str] = field(default_factory=dict)
 
@@ -387,6 +389,9 @@ def run_shared(
         share = out.share.setdefault(family, Cost())
         share.wall += n * sum(data.seconds.get(name, 0.0) / users[name] for name in used)
         share.cpu += n * sum(data.cpu_seconds.get(name, 0.0) / users[name] for name in used)
+        if "gram" in used:
+            out.gram_cpu[family] = (out.gram_cpu.get(family, 0.0)
+                                    + n * data.cpu_seconds.get("gram", 0.0) / users["gram"])  # fmt: skip
     for name, seconds in data.seconds.items():
         out.quantities[name] = Cost(wall=seconds, cpu=data.cpu_seconds.get(name, 0.0))
     return out
@@ -421,6 +426,9 @@ def run_unit(
         fold_of = fold_assignment(groups[train], folds, seed) if folds else None
         for family in families:
             fam = [c for c in configs if c.family == family]
+            if max_seconds <= 0:  # ours only (--max-seconds 0: for the projection)
+                progress.update(len(fam))
+                continue
             cost, done_weight = Cost(), 0.0
             for config in fam:
                 if cost.wall > max_seconds:
@@ -479,7 +487,8 @@ def print_table(plain: dict[str, Cost], shared: Shared, aucs: dict, study: list[
         mark = "*" if p.extrapolated else " "
         print(
             f"{name:<24}{f'{p.measured}/{p.total}':>9}{p.wall:>9.1f}{mark}{p.cpu:>9.1f}{p.peak_mb:>7.0f}"
-            f"{o.wall:>9.2f}{o.cpu:>8.1f}{o.peak_mb:>7.0f}{p.wall / max(o.wall, 1e-9):>8.1f}x"
+            f"{o.wall:>9.2f}{o.cpu:>8.1f}{o.peak_mb:>7.0f}"
+            f"{f'{p.wall / max(o.wall, 1e-9):.1f}x' if p.measured else '-':>9}"
             f"{s.wall:>9.2f}  {agree}"
         )
     q = Cost()
@@ -504,71 +513,175 @@ def print_table(plain: dict[str, Cost], shared: Shared, aucs: dict, study: list[
             print(f"  aug={aug!s:<5} {c.name:<58} ours {a:.4f}  sklearn {b:.4f}")
 
 
-# The study's grid: 15 MVTec categories x {resnet18, resnet50, vit_b_16, vit_b_32} x
-# {random, imagenet} x 4 layers x flatten = 480 units x 71 configs x 2 augmentation choices.
+# The study's grid (params/study.yaml): 15 MVTec categories x {resnet18, resnet50, vit_b_16,
+# vit_b_32} x {random, imagenet} x 4 layers x flatten = 480 units x 71 configs x 2
+# augmentation choices. Image counts per category: (train good, test).
 MVTEC_COUNTS = {  # category: (train good, test)
     "bottle": (209, 83), "cable": (224, 150), "capsule": (219, 132), "carpet": (280, 117),
     "grid": (264, 78), "hazelnut": (391, 110), "leather": (245, 124), "metal_nut": (220, 115),
     "pill": (267, 167), "screw": (320, 160), "tile": (230, 117), "toothbrush": (60, 42),
     "transistor": (213, 100), "wood": (247, 79), "zipper": (240, 151),
 }  # fmt: skip
-BACKBONES = {  # name: (GFLOPs per 224x224 image, flattened dims of its 4 layers)
-    "resnet18": (1.81, (200_704, 100_352, 50_176, 25_088)),
-    "resnet50": (4.09, (802_816, 401_408, 200_704, 100_352)),
-    "vit_b_16": (17.56, (151_296,) * 4),
-    "vit_b_32": (4.41, (38_400,) * 4),
-}
 N_AUG = len(AUGMENTATIONS)
+PRECISIONS = ("float32", "bfloat16")
 
 
-def forward_seconds_per_image() -> float:
-    """ResNet18 forward time per image on this machine (batch 16, all 4 layers returned)."""
+@dataclass
+class StudyGrid:
+    """What params/study.yaml asks for: per category its transforms, per backbone its inits
+    and layers (each (category, backbone, init) is one extraction of all its layers)."""
+
+    transforms: dict[str, list[str]]
+    extractors: dict[str, dict[str, list[str]]]  # backbone: {init: layers}
+    workers: int  # evaluate.engine.n_workers x threads_per_worker (1)
+
+
+def study_grid(params_file: str = "params/study.yaml") -> StudyGrid:
+    raw = yaml.safe_load((REPO / params_file).read_text(encoding="utf-8"))
+    extractors: dict[str, dict[str, list[str]]] = {}
+    for e in raw["extract"]["extractors"]:
+        extractors.setdefault(e["backbone"], {})[e["init"]] = list(e["layers"])
+    transforms = {
+        c: list(raw["augment"]["transforms"].get(c, [])) for c in raw["data"]["categories"]
+    }
+    engine = raw["evaluate"]["engine"]
+    return StudyGrid(transforms, extractors, engine["n_workers"] * engine["threads_per_worker"])
+
+
+def forward_rates(grid: StudyGrid, batch: int = 8, batches: int = 2) -> dict[str, dict[str, float]]:
+    """Images/s of each study backbone's forward pass on this CPU (random init, the study's
+    layers; float32, and bfloat16 where the CPU has bf16 instructions), after one warm-up
+    batch: ``{backbone: {"cpu/<precision>": images/s}}``. The forward only: the extract
+    stage adds decoding and writing (README: 0.8-0.9x of the forward on this machine)."""
     import torch
-    from torchvision import models
-    from torchvision.models.feature_extraction import create_feature_extractor
 
-    torch.manual_seed(0)
-    model = create_feature_extractor(models.resnet18(weights=None).eval(), list(LAYERS))
-    x = torch.randn(16, 3, 224, 224)
-    with torch.inference_mode():
-        model(x)
-        t0 = time.perf_counter()
-        model(x)
-    return (time.perf_counter() - t0) / 16
+    from stages.backbones import build_extractor, uses_channels_last
+    from stages.device import autocast, cpu_has_bf16
+
+    cpu = torch.device("cpu")
+    precisions = PRECISIONS if cpu_has_bf16() else PRECISIONS[:1]
+    rates: dict[str, dict[str, float]] = {}
+    for backbone, inits in grid.extractors.items():
+        layers = next(iter(inits.values()))
+        model = build_extractor(backbone, "random", layers)
+        for precision in precisions:
+            x = torch.randn(batch, 3, 224, 224)
+            if uses_channels_last(backbone, "cpu", precision):
+                model, x = (
+                    model.to(memory_format=torch.channels_last),
+                    x.contiguous(memory_format=torch.channels_last),
+                )
+            with torch.inference_mode(), autocast(cpu, precision):
+                model(x)
+                t0 = time.perf_counter()
+                for _ in range(batches):
+                    model(x)
+                seconds = time.perf_counter() - t0
+            rates.setdefault(backbone, {})[f"cpu/{precision}"] = batch * batches / seconds
+            model = model.to(memory_format=torch.contiguous_format)
+    return rates
 
 
-def project(measured: dict[str, dict], t_image: float, n_configs: int) -> None:
-    """Project the full grid (every unit x ``n_configs`` x 2) on this machine from per-unit costs."""
-    # Gram seconds per (row^2 * dim), from the measured layers (both augmentation choices
-    # share one Gram over all rows); the rest of a unit (every config x 2) per row.
+def read_extract_rates(path: Path) -> tuple[str, dict[str, dict[str, float]]]:
+    """benchmarks/extract_throughput.py's ``--json`` file: (machine, rates)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        machine, rates = str(raw["machine"]), raw["rates"]
+        rates = {b: {k: float(v) for k, v in r.items()} for b, r in rates.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SystemExit(f"{path}: not an extract-rates file of benchmarks/extract_throughput.py "
+                         f"--json ({type(exc).__name__}: {exc}); expected "
+                         '{"machine": str, "rates": {backbone: {"cpu/float32": images/s}}}') from None  # fmt: skip
+    return machine, rates
+
+
+def project(
+    measured: dict[str, dict],
+    n_configs: int,
+    grid: StudyGrid,
+    extract_rates: dict[str, dict[str, float]],
+    rates_source: str,
+    augment_rate: float,
+) -> None:
+    """Project the study's grid on this machine from every stage's measured rate: augment
+    (images/s of the stage's code), extraction (images/s per backbone, device and
+    precision) and evaluation (per-unit costs measured above, both augmentation choices)."""
+    # Gram CPU seconds per (row^2 * dim), from the measured layers (both augmentation
+    # choices share one Gram over all rows); the rest of a unit (every config x 2) per row.
+    # CPU seconds, spread over the stage's single-threaded workers (evaluate.engine), are
+    # its wall time on an otherwise idle machine, and do not grow with other processes' load.
     c_gram = np.mean([m["gram"] / (m["rows"] ** 2 * m["dim"]) for m in measured.values()])
     c_rest = np.mean([m["rest"] / m["rows"] for m in measured.values()])
-    extract = evaluate = disk = 0.0
-    units = 0
-    for n_train, n_test in MVTEC_COUNTS.values():
-        rows = (1 + N_AUG) * n_train + n_test
-        for gflops, dims in BACKBONES.values():
-            extract += 2 * rows * t_image * gflops / BACKBONES["resnet18"][0]
-            for dim in dims:
-                units += 2
-                evaluate += 2 * (c_gram * rows**2 * dim + c_rest * rows)
-                disk += 2 * rows * dim * 4
-    experiments = units * n_configs * 2
-    days = (extract + evaluate) / 86400
+    dims = {  # flattened dims of each study layer, for one 224x224 image
+        backbone: [int(np.prod(shape)) for shape in activation_dims(backbone, layers)]
+        for backbone, inits in grid.extractors.items()
+        for layers in [next(iter(inits.values()))]
+    }
+    augmented_images = extract_images = 0
+    evaluate = disk = 0.0
+    units = experiments = 0
+    per_backbone: dict[str, int] = dict.fromkeys(grid.extractors, 0)
+    for category, (n_train, n_test) in MVTEC_COUNTS.items():
+        if category not in grid.transforms:
+            continue
+        n_aug = len(grid.transforms[category]) * n_train
+        augmented_images += n_aug
+        rows = n_train + n_aug + n_test
+        choices = 2 if n_aug else 1  # augmented experiments only where it has transforms
+        for backbone, inits in grid.extractors.items():
+            per_backbone[backbone] += len(inits) * rows
+            extract_images += len(inits) * rows
+            for dim in dims[backbone]:
+                units += len(inits)
+                experiments += len(inits) * n_configs * choices
+                evaluate += len(inits) * (c_gram * rows**2 * dim + c_rest * rows * choices / 2)
+                disk += len(inits) * rows * dim * 4
+    evaluate /= grid.workers
+    augment = augmented_images / augment_rate
     print(
-        f"\nProjection of the full grid ({experiments:,} experiments: {units} units x "
-        f"{n_configs} configs x 2) on this {os.cpu_count()}-core machine:"
+        f"\nProjection of the study's grid ({experiments:,} experiments: {units} units x "
+        f"{n_configs} configs x augmentation choices) on this {os.cpu_count()}-core machine:"
     )
+    print(f"  augment: {augmented_images:,} images at {augment_rate:.1f} images/s (the stage's "
+          f"code, measured here) = {augment / 3600:.2f} h")  # fmt: skip
+    print(f"  evaluation: Gram {c_gram:.3g} CPU s/(row^2 dim), other work {c_rest:.3g} CPU "
+          f"s/row per unit (measured above), on {grid.workers} single-threaded workers = "
+          f"{evaluate / 3600:.2f} h")  # fmt: skip
+    print(f"  extraction: {extract_images:,} images (each category's train, augmented and test "
+          f"images once per backbone and init), rates {rates_source}:")  # fmt: skip
+    keys = sorted({k for r in extract_rates.values() for k in r})
     print(
-        f"  model: Gram {c_gram:.3g} s/(row^2 dim), other work {c_rest:.3g} s/row per unit "
-        f"(measured above), extraction {t_image * 1e3:.0f} ms/image for resnet18 scaled by GFLOPs"
+        f"    {'backbone':<10}{'images':>8}" + "".join(f"{k + ' img/s':>22}{'h':>7}" for k in keys)
     )
-    print(
-        f"  extraction {extract / 3600:8.1f} h   evaluation {evaluate / 3600:8.1f} h   "
-        f"total {days:.2f} days   features on disk {disk / 1e9:.0f} GB float32, "
-        f"{disk / 2e9:.0f} GB with extract.dtype float16"
-    )
-    print("  the study (71 configs): 12 days on 6 cores, 380 GB")
+    totals: dict[str, float] = {}
+    for backbone, n_images in per_backbone.items():
+        line = f"    {backbone:<10}{n_images:>8,}"
+        for k in keys:
+            rate = extract_rates.get(backbone, {}).get(k)
+            if rate is None:
+                line += f"{'-':>22}{'-':>7}"
+                totals[k] = float("nan")
+                continue
+            totals[k] = totals.get(k, 0.0) + n_images / rate
+            line += f"{rate:>22.1f}{n_images / rate / 3600:>7.2f}"
+        print(line)
+    print(f"  totals (augment + extraction + evaluation; features on disk {disk / 1e9:.0f} GB "
+          f"float32, {disk / 2e9:.0f} GB with extract.dtype float16):")  # fmt: skip
+    names = {"cpu/float32": "CPU float32", "cpu/bfloat16": "CPU bf16",
+             "cuda/float32": "GPU float32", "cuda/bfloat16": "GPU bf16"}  # fmt: skip
+    for k in keys:
+        total = augment + totals[k] + evaluate
+        print(f"    {names.get(k, k):<12} extraction {totals[k] / 3600:6.2f} h   total "
+              f"{total / 3600:6.2f} h")  # fmt: skip
+    print("  target: <= 12 h on this machine's CPU; the study: 12 days on 6 cores, 380 GB")
+
+
+def activation_dims(backbone: str, layers: list[str]) -> list[tuple[int, ...]]:
+    """Each layer's activation shape for one image (``stages.backbones``, nothing computed)."""
+    from stages.backbones import activation_shapes
+
+    shapes = activation_shapes(backbone, layers)
+    return [shapes[layer] for layer in layers]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -576,22 +689,38 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS)
-    parser.add_argument("--families", nargs="+", default=SELECTABLE, choices=SELECTABLE,
-                        help="detector families (default: all); their configs come from "
-                        "params.yaml's evaluate.detectors")  # fmt: skip
+    parser.add_argument("--families", nargs="+", default=None, choices=SELECTABLE,
+                        help="detector families (default: all with a shared path for all "
+                        "their configs); their configs come from params.yaml's "
+                        "evaluate.detectors")  # fmt: skip
     parser.add_argument("--max-seconds", type=float, default=300.0,
                         help="plain-loop budget per family, layer and augmentation choice; "
-                        "the remaining configs are extrapolated")  # fmt: skip
+                        "the remaining configs are extrapolated (0: ours only, e.g. for "
+                        "the projection)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threshold-folds", type=int, default=5,
                         help="out-of-fold scores for the honest threshold, as the stage's "
                         "evaluate.threshold_folds (0: in-sample only, as before)")  # fmt: skip
     parser.add_argument("--extract-only", action="store_true")
+    parser.add_argument("--extract-rates", type=Path, default=None,
+                        help="benchmarks/extract_throughput.py --json output: extraction "
+                        "images/s per backbone, device and precision for the projection "
+                        "(default: the forward pass measured here)")  # fmt: skip
+    parser.add_argument("--augment-images", type=int, default=6,
+                        help="bottle images (x5 transforms) the augment stage's rate is "
+                        "measured on for the projection")  # fmt: skip
     args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"skipped: MVTec bottle not found at {DATA}")
         return
     grid, study = load_grid()
+    if args.families is None:
+        unshared = {c.family for c in grid if not FAMILIES[c.family].shares(c)}
+        patch = {f for f in SELECTABLE if FAMILIES[f].patch}  # need patch feature sets
+        if unshared | patch:
+            print(f"left out (no shared path): {', '.join(sorted(unshared))}; "
+                  f"(patch feature sets only): {', '.join(sorted(patch))}")  # fmt: skip
+        args.families = [f for f in SELECTABLE if f not in unshared | patch]
     configs = [c for c in grid if c.family in args.families]
     missing = [f for f in args.families if not any(c.family == f for c in configs)]
     if missing:
@@ -623,11 +752,10 @@ def main(argv: list[str] | None = None) -> None:
             totals_plain.setdefault(f, Cost()).merge(cost)
         totals_shared.merge(shared)
         all_aucs.update({(layer, *k): v for k, v in aucs.items()})
-        if set(study) <= set(args.families):
-            total = sum(shared.ours(f).wall for f in plain)
-            gram = shared.quantities["gram"].wall
-            measured[layer] = {"gram": gram, "rest": total - gram, "rows": len(X),
-                               "dim": X.shape[1]}  # fmt: skip
+        if set(study) <= set(args.families):  # the study's families only, the Gram whole
+            rest = sum(shared.ours(f).cpu - shared.gram_cpu.get(f, 0.0) for f in study)
+            measured[layer] = {"gram": shared.quantities["gram"].cpu, "rest": rest,
+                               "rows": len(X), "dim": X.shape[1]}  # fmt: skip
     progress.close()
     if len(args.layers) > 1:
         print(f"\n=== all measured layers: {', '.join(args.layers)} ===")
@@ -636,7 +764,19 @@ def main(argv: list[str] | None = None) -> None:
             study,
         )  # fmt: skip
     if measured:
-        project(measured, forward_seconds_per_image(), len(configs))
+        study_grid_ = study_grid()
+        if args.extract_rates:
+            machine, rates = read_extract_rates(args.extract_rates)
+            source = f"from {args.extract_rates} ({machine})"
+        else:
+            print("\nmeasuring the study backbones' forward rates (random init, 2 batches of 8)")
+            rates = forward_rates(study_grid_)
+            source = "of the bare forward pass, measured here (no --extract-rates)"
+        from benchmarks.augment_throughput import stage_images_per_second
+
+        augment_rate = stage_images_per_second(args.augment_images)
+        project(measured, len(grid_of("params/study.yaml")), study_grid_, rates, source,
+                augment_rate)  # fmt: skip
 
 
 if __name__ == "__main__":
