@@ -8,16 +8,16 @@ panel share its hue and differ by shade (``family_shades``) and line style.
 
 from __future__ import annotations
 
-from matplotlib import colormaps
 from matplotlib.colors import to_hex, to_rgb
 
 from stages.methods import FAMILIES
 
-# tab20's ten strong colours, then its ten light ones, then tab20b's strong ones: distinct
-# hues for the first ten families, more for the rest (21 families today).
-_TAB20 = [to_hex(c) for c in colormaps["tab20"].colors]
-_TAB20B = [to_hex(c) for c in colormaps["tab20b"].colors]
-_COLOURS = _TAB20[0::2] + _TAB20[1::2] + _TAB20B[0::4]
+# Strong, distinct colours (no pale ones: a thin line must stay visible on white), in
+# ``FAMILIES`` order: the classic families tab10's, then the patch, anomalib,
+# reconstruction and labelled families darker ones from tab20b and Dark2.
+_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+            "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#1b9e77", "#e7298a", "#8c6d31",
+            "#637939", "#7b4173", "#843c39", "#222222", "#e6ab02", "#aaaaaa", "#555555"]  # fmt: skip
 FAMILY_COLOURS: dict[str, str] = {
     name: _COLOURS[i % len(_COLOURS)] for i, name in enumerate(FAMILIES)
 }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import json
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -62,7 +63,8 @@ table.sortable th[aria-sort="ascending"]::after { content: " \\25B2"; color: #1f
 table.sortable th[aria-sort="descending"]::after { content: " \\25BC"; color: #1f2328; }
 img { max-width: 100%; height: auto; border: 1px solid #d0d7de; margin: 0.5em 0; }
 code { background: #eff1f3; padding: 0.1em 0.3em; border-radius: 4px; font-size: 0.9em; }
-.note { color: #59636e; font-size: 0.9em; }
+.headline { background: #ddf4ff; border: 1px solid #54aeff; border-radius: 6px;
+  padding: 0.6em 1em; font-size: 1.05em; }
 """
 
 # A click on a header of a sortable table sorts its body by that column: numbers as
@@ -155,12 +157,34 @@ def _contents(body: str) -> tuple[str, str]:
     return body, nav
 
 
+def _headline(folder: Path) -> str:
+    """The study's headline numbers (from ``metrics.json``, when there) in one box."""
+    path = folder / "metrics.json"
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+        oracle, honest = m["mean_best_auroc_oracle"], m["mean_auroc_loco"]
+        n, done = m["categories"], m["done"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if oracle is None:
+        return ""
+
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    return ('<p class="headline">Mean best AUROC over ' f"{n} categor{'y' if n == 1 else 'ies'}: "
+            f"<b>{num(oracle)}</b> oracle (chosen on each category's own test labels), "
+            f"<b>{num(honest)}</b> honest (leave-one-category-out; Table 4); "
+            f"{done} experiments done.</p>\n")  # fmt: skip
+
+
 def render_html(markdown_text: str, folder: Path, title: str = "Results report") -> str:
     """The page of ``markdown_text`` (report.md), its images read from under ``folder``."""
     body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown_text)
     body, nav = _contents(_tables(_embed_images(body, folder)))
-    # The contents list goes after the first paragraph (the report's provenance line).
+    # The headline and the contents list go after the first paragraph (the provenance).
     head, sep, rest = body.partition("</p>\n")
+    nav = _headline(folder) + nav
     body = head + sep + nav + rest if sep else nav + body
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
