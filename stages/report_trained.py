@@ -186,6 +186,19 @@ def legend_label(row: dict[str, Any]) -> str:
     return wrap_name(f"AUROC {fmt(row['auroc'], 3)}: {row['detector_name']}{aug}")
 
 
+def legend_labels(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """``legend_label`` of each row, with the feature set, then the key's start, added
+    where two would read the same."""
+    labels = [legend_label(r) for r in rows]
+    for extra in (lambda r: f" on {r['backbone']}-{r['init']}/{r['layer']} "
+                            f"{r['representation']}",
+                  lambda r: f", key {r['key'][:8]}"):  # fmt: skip
+        counts = Counter(labels)
+        labels = [lab + extra(r) if counts[lab] > 1 else lab
+                  for lab, r in zip(labels, rows, strict=True)]  # fmt: skip
+    return labels
+
+
 def figure_curves(category: str, trained: Sequence[Trained], path: Path) -> None:
     """Learning curves: per experiment one colour, training loss solid, held-out dashed;
     log-scale y when the losses span more than ``LOG_RANGE``; legend below the axes."""
@@ -203,6 +216,7 @@ def figure_curves(category: str, trained: Sequence[Trained], path: Path) -> None
         seen[family] += 1
     handles = [Line2D([], [], color="0.3", linestyle="-", label="training loss")]
     values: list[float] = []
+    labels = legend_labels([t.row for t in trained])
     for i, t in enumerate(trained):
         epochs = [e["epoch"] for e in t.curve]
         markers = {"marker": "o", "markersize": 3} if len(epochs) <= 30 else {}
@@ -213,7 +227,7 @@ def figure_curves(category: str, trained: Sequence[Trained], path: Path) -> None
                         **markers)  # fmt: skip
                 values += [float(v) for v in y[np.isfinite(y)]]
         handles.append(Line2D([], [], color=colours[i], linewidth=2.5,
-                              label=legend_label(t.row)))  # fmt: skip
+                              label=labels[i]))  # fmt: skip
     if any(e["val_loss"] is not None for t in trained for e in t.curve):
         handles.insert(1, Line2D([], [], color="0.3", linestyle="--",
                                  label="held-out loss (good images)"))  # fmt: skip

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from stages.report import report
-from stages.report_trained import example_rows
+from stages.report_trained import example_rows, legend_labels
 from stages.results_db import open_db, upsert
 from tests.recon_fixtures import CATEGORY, EPOCHS
 from tests.test_query_map import IMAGES, _row, key_of, pixel_workspace
@@ -153,3 +153,15 @@ def test_example_rows_rank_by_score_with_nan_last() -> None:
         "test/good/001 (good): score n/a, rank 4 of 4",
         "test/crack/002 (no score stored)",
     ]
+
+
+def test_learning_curve_legend_entries_never_read_the_same():
+    base = {"auroc": 0.75, "detector_name": "ConvAutoencoder(depth=3,epochs=8)",
+            "augmented": False, "backbone": "pixels", "init": "none", "layer": "rgb128",
+            "representation": "image"}  # fmt: skip
+    rows = [{**base, "key": "aaaa1111"}, {**base, "layer": "gray64", "key": "bbbb2222"},
+            {**base, "key": "cccc3333"}, {**base, "augmented": True, "key": "dddd4444"}]  # fmt: skip
+    labels = legend_labels(rows)
+    assert len(set(labels)) == 4
+    assert labels[1].endswith("on pixels-none/gray64 image") and "key aaaa1111" in labels[0]
+    assert labels[3] == "AUROC 0.750: ConvAutoencoder(depth=3,epochs=8), augmented"
