@@ -548,10 +548,11 @@ def study_grid(params_file: str = "params/study.yaml") -> StudyGrid:
     return StudyGrid(transforms, extractors, engine["n_workers"] * engine["threads_per_worker"])
 
 
-def forward_rates(grid: StudyGrid, batch: int = 8, batches: int = 2) -> dict[str, dict[str, float]]:
+def forward_rates(grid: StudyGrid, batch: int = 8, batches: int = 3) -> dict[str, dict[str, float]]:
     """Images/s of each study backbone's forward pass on this CPU (random init, the study's
-    layers; float32, and bfloat16 where the CPU has bf16 instructions), after one warm-up
-    batch: ``{backbone: {"cpu/<precision>": images/s}}``. The forward only: the extract
+    layers; float32, and bfloat16 where the CPU has bf16 instructions), from the median of
+    ``batches`` timed batches after one warm-up batch: ``{backbone: {"cpu/<precision>":
+    images/s}}``. The forward only: the extract
     stage adds decoding and writing (README: 0.8-0.9x of the forward on this machine)."""
     import torch
 
@@ -571,13 +572,14 @@ def forward_rates(grid: StudyGrid, batch: int = 8, batches: int = 2) -> dict[str
                     model.to(memory_format=torch.channels_last),
                     x.contiguous(memory_format=torch.channels_last),
                 )
+            seconds = []
             with torch.inference_mode(), autocast(cpu, precision):
                 model(x)
-                t0 = time.perf_counter()
                 for _ in range(batches):
+                    t0 = time.perf_counter()
                     model(x)
-                seconds = time.perf_counter() - t0
-            rates.setdefault(backbone, {})[f"cpu/{precision}"] = batch * batches / seconds
+                    seconds.append(time.perf_counter() - t0)
+            rates.setdefault(backbone, {})[f"cpu/{precision}"] = batch / float(np.median(seconds))
             model = model.to(memory_format=torch.contiguous_format)
     return rates
 
@@ -769,7 +771,7 @@ def main(argv: list[str] | None = None) -> None:
             machine, rates = read_extract_rates(args.extract_rates)
             source = f"from {args.extract_rates} ({machine})"
         else:
-            print("\nmeasuring the study backbones' forward rates (random init, 2 batches of 8)")
+            print("\nmeasuring the study backbones' forward rates (random init, batches of 8)")
             rates = forward_rates(study_grid_)
             source = "of the bare forward pass, measured here (no --extract-rates)"
         from benchmarks.augment_throughput import stage_images_per_second
