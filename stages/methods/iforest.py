@@ -9,7 +9,7 @@ the raw rows (the unit's Gram does not help it) and accepts NaN, as scikit-learn
 The forest is grown by scikit-learn's own tree builder (``DepthFirstTreeBuilder`` with the
 ``RandomSplitter``), called once per tree with the random draws ``IsolationForest.fit``
 makes, without the per-tree estimator objects, parameter checks and bagging bookkeeping
-that cost most of its fit (about 2.5 ms of a 3 ms tree on 1,254 x 50,176 features). A
+that cost most of its fit (about 2 of its 2.5 ms per tree on 1,254 x 50,176 features). A
 check at first use grows a small forest both ways and compares the trees; on any
 difference (another scikit-learn version) ``IsolationForest.fit`` itself is used.
 """
