@@ -6,8 +6,7 @@ On the real MVTec AD bottle training images (900x900 RGB PNGs), all five transfo
   rotate/flip and ``Image.fromarray``, Pillow's PNG encoder at its default level (zlib 6),
   atomic write with fsync, 2 threads, one journal line per image fsynced per source;
 - after: the stage's own ``augment_category`` (libspng decode, Pillow transpose, its own
-  PNG writer: Up filter, zlib level 1 with the run-length strategy; one worker process per
-  core), worker start-up included.
+  PNG writer: Up filter, zlib level 1 with the run-length strategy; one thread per core).
 
 Prints images/s for both and the ratio, bytes on disk for both, that every output decodes
 to the same pixels, and a per-part breakdown on one core (CPU ms per image for decode,

@@ -185,8 +185,8 @@ def test_encoding_is_lossless_for_every_mode_and_transform(mode: str) -> None:
         assert encode_png(apply_transform(image, transform)) == data  # same bytes again
 
 
-def test_worker_processes_write_what_one_process_writes(tmp_path: Path) -> None:
-    """The stage's worker pool and an in-process executor give the same files, bit for bit."""
+def test_worker_threads_write_what_one_thread_writes(tmp_path: Path) -> None:
+    """The stage's worker pool and a single thread give the same files, bit for bit."""
     import logging
     from concurrent.futures import ThreadPoolExecutor
 
@@ -200,10 +200,10 @@ def test_worker_processes_write_what_one_process_writes(tmp_path: Path) -> None:
         sources.append({"image_id": f"c/{i}", "path": str(path), "sha256": str(i)})
     log = logging.getLogger("test")
     with Workers(2) as pool:
-        spawned = augment_category("c", sources, ALL, tmp_path / "a", log, pool)
+        pooled = augment_category("c", sources, ALL, tmp_path / "a", log, pool)
     with ThreadPoolExecutor(1) as one:
         inline = augment_category("c", sources, ALL, tmp_path / "b", log, lambda: one)
-    assert len(spawned) == len(inline) == 15
-    for a, b in zip(spawned, inline, strict=True):
+    assert len(pooled) == len(inline) == 15
+    for a, b in zip(pooled, inline, strict=True):
         assert a["sha256"] == b["sha256"]
         assert Path(a["path"]).read_bytes() == Path(b["path"]).read_bytes()
