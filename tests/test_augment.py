@@ -141,10 +141,11 @@ def test_sigkill_then_resume_finishes_without_redoing(tmp_path: Path) -> None:
     after = _outputs(tmp_path)
     assert len(after) == 200
     # Journaled files are never redone; files renamed into place but not yet journaled
-    # when the kill came (at most 2 threads x 5 transforms in flight) may be.
+    # when the kill came (at most one source per worker thread x 5 transforms in flight,
+    # plus the sources finished but waiting behind an earlier one in the map order) may be.
     assert all(after[k] == done_before[k] for k in journaled)
     redone = [k for k, v in done_before.items() if after[k] != v]
-    assert len(redone) <= 2 * 5, redone
+    assert len(redone) <= 2 * len(os.sched_getaffinity(0)) * 5, redone
     assert not list((tmp_path / "cache").rglob(".*.tmp-*"))
     for name in after:  # every file complete and right
         transform, stem = name.split("/")[1], name.split("/")[2]
