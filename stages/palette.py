@@ -16,7 +16,7 @@ from stages.methods import FAMILIES
 # ``FAMILIES`` order: the classic families tab10's, then the patch, anomalib,
 # reconstruction and labelled families darker ones from tab20b and Dark2.
 _COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-            "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#1b9e77", "#e7298a", "#8c6d31",
+            "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#1b9e77", "#6a3d9a", "#8c6d31",
             "#637939", "#7b4173", "#843c39", "#222222", "#e6ab02", "#aaaaaa", "#555555"]  # fmt: skip
 FAMILY_COLOURS: dict[str, str] = {
     name: _COLOURS[i % len(_COLOURS)] for i, name in enumerate(FAMILIES)

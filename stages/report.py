@@ -541,8 +541,12 @@ def figure_augmentation(table: Sequence[dict[str, Any]], path: Path) -> None:
                                        (0.2, "with", "augmented", "#3b75af")):  # fmt: skip
         values = [np.nan if r[key] is None else r[key] for r in table]
         bars = ax.bar(x + offset, values, width=0.4, label=label, color=colour)
-        ax.bar_label(bars, labels=[fmt(v, 3) if np.isfinite(v) else "not run" for v in values],
+        ax.bar_label(bars, labels=[fmt(v, 3) if np.isfinite(v) else "" for v in values],
                      padding=2, fontsize=9)  # fmt: skip
+        for xi, v in zip(x, values, strict=True):
+            if not np.isfinite(v):  # e.g. a category without transforms
+                ax.text(xi + offset, 0.03, f"{label}: not run", rotation=90, ha="center",
+                        va="bottom", fontsize=9, color="#59636e")  # fmt: skip
     for xi, r in zip(x, table, strict=True):
         if r["gain"] is not None:
             ax.text(xi, 1.1, f"gain {r['gain']:+.3f}", ha="center", fontsize=10,
