@@ -327,11 +327,15 @@ def build_extractor(backbone: str, init: str, layers: list[str], seed: int = 0) 
     return extractor.eval().requires_grad_(False)
 
 
-# Where a convolutional backbone runs in ``channels_last`` memory format: (device type,
-# precision) pairs where benchmarks/extract_throughput.py measured it faster for the ResNets
-# (README "Extract"). It changes the kernels' summation order, so a feature set made with it
-# records ``memory_format`` in its config (a different content hash).
-CHANNELS_LAST: frozenset[tuple[str, str]] = frozenset({("cpu", "bfloat16"), ("cuda", "bfloat16")})
+# Where a convolutional backbone runs in ``channels_last`` memory format, as (device type,
+# precision). It changes the kernels' summation order, so a feature set made with it records
+# ``memory_format`` in its config (another content hash). On this project's CPU
+# (benchmarks/extract_throughput.py --precision, README "Benchmarks") it did not help bf16
+# (0.90-0.96x for the ResNets) and helped float32 by about 1.2x on a loaded machine, not
+# clearly enough to change the float32 feature sets' hashes: the CPU stays contiguous. On
+# CUDA, bf16 convolutions run on tensor cores in NHWC (cuDNN transposes NCHW inputs), the
+# layout NVIDIA recommends for them; not yet measured here (no GPU).
+CHANNELS_LAST: frozenset[tuple[str, str]] = frozenset({("cuda", "bfloat16")})
 CONVOLUTIONAL = ("resnet18", "resnet50", "efficientnet_lite0")
 
 

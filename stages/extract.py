@@ -44,8 +44,8 @@ Params (section ``extract``):
   ``--resources GPU=1``). ``pixels`` always runs on the CPU in float32 (no network).
 - ``precision`` (``float32``): ``float32`` or ``bfloat16`` (autocast; on a CPU only where it
   has bf16 instructions, AVX512-BF16 or AMX, otherwise a one-line error). The ResNets and
-  efficientnet_lite0 run in ``channels_last`` where it was measured faster
-  (``backbones.CHANNELS_LAST``: bfloat16 on CPU and CUDA). Features are bitwise the same on
+  efficientnet_lite0 run in ``channels_last`` where ``backbones.CHANNELS_LAST`` says (bf16
+  on CUDA; the CPU stays contiguous: see there). Features are bitwise the same on
   rerun and resume for one device type and precision. A feature set not made on the CPU in
   float32 records ``precision``/``device``/``memory_format`` in its manifest (hashed: another
   content hash, so other experiment rows) and lives in its own folder
@@ -821,11 +821,11 @@ def forward_batch(
     (layer, representation) of ``wanted``, on the CPU. Inference mode and autocast are
     thread-local, so they are entered here, on the forward stream's thread."""
     with torch.inference_mode():
-        images = images.to(device, non_blocking=True)  # asynchronous from pinned memory
+        batch = images.to(device, non_blocking=True)  # asynchronous from pinned memory
         if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            activations = model(images)
+            activations = model(batch)
         activations = {name: a.float() for name, a in activations.items()}
         return [represent_layer(activations, layer, representation).contiguous().cpu().numpy()
                 for layer, representation in wanted]  # fmt: skip

@@ -122,7 +122,7 @@ def test_bf16_features_are_bitwise_stable_and_never_mix_with_float32(
     for a, b in zip(first["feature_sets"], plain["feature_sets"], strict=True):
         assert a["folder"] != b["folder"] and a["content_hash"] != b["content_hash"]
         manifest = read_manifest(a["folder"])
-        assert (manifest["precision"], manifest["memory_format"]) == ("bfloat16", "channels_last")
+        assert manifest["precision"] == "bfloat16" and "device" not in manifest
         assert "precision" not in read_manifest(b["folder"])  # float32 CPU: hash as before
         # what the evaluate stage recomputes to tell stale features
         rows = extract.unit_rows(bf16)
@@ -144,15 +144,16 @@ def test_bf16_features_are_bitwise_stable_and_never_mix_with_float32(
         assert relative.min() > 0  # bf16 did run
 
 
-def test_units_that_ask_for_a_worker_resource_run_where_the_workers_offer_it() -> None:
+def test_units_that_ask_for_a_worker_resource_run_where_the_workers_offer_it(
+    tmp_path: Path,
+) -> None:
     """The engine's resources: what the extract stage uses to send CUDA units to GPU workers."""
     done: list[int] = []
     with dask_client(EngineParams(n_workers=1), resources={"GPU": 1}) as client:
         run_units(client, abs, [-1, -2, -3], split=lambda u: [u],
                   on_result=lambda u, r: done.append(r), on_error=lambda u, e: pytest.fail(repr(e)),
-                  on_crash=lambda u, s: pytest.fail(s), scratch=Path.cwd() / ".pytest-engine",
+                  on_crash=lambda u, s: pytest.fail(s), scratch=tmp_path,
                   resources=lambda u: {"GPU": 1})  # fmt: skip
-    shutil.rmtree(Path.cwd() / ".pytest-engine", ignore_errors=True)
     assert sorted(done) == [1, 2, 3]
 
 
