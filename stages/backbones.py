@@ -330,9 +330,10 @@ def build_extractor(backbone: str, init: str, layers: list[str], seed: int = 0) 
 # Where a convolutional backbone runs in ``channels_last`` memory format, as (device type,
 # precision). It changes the kernels' summation order, so a feature set made with it records
 # ``memory_format`` in its config (another content hash). On this project's CPU
-# (benchmarks/extract_throughput.py --precision, README "Benchmarks") it did not help bf16
-# (0.90-0.96x for the ResNets) and helped float32 by about 1.2x on a loaded machine, not
-# clearly enough to change the float32 feature sets' hashes: the CPU stays contiguous. On
+# (benchmarks/extract_throughput.py --precision, README "Benchmarks"), on a loaded machine,
+# it gave the ResNets 0.90-0.96x in bf16 in one run and 1.07-1.47x in the next, 1.1-1.2x in
+# float32: not clearly enough to change the float32 feature sets' hashes, so the CPU stays
+# contiguous. On
 # CUDA, bf16 convolutions run on tensor cores in NHWC (cuDNN transposes NCHW inputs), the
 # layout NVIDIA recommends for them; not yet measured here (no GPU).
 CHANNELS_LAST: frozenset[tuple[str, str]] = frozenset({("cuda", "bfloat16")})
