@@ -17,7 +17,7 @@ from stages.methods import FAMILIES
 # reconstruction and labelled families darker ones from tab20b and Dark2.
 _COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
             "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#1b9e77", "#6a3d9a", "#8c6d31",
-            "#637939", "#7b4173", "#843c39", "#222222", "#e6ab02", "#aaaaaa", "#555555"]  # fmt: skip
+            "#637939", "#7b4173", "#843c39", "#c51b7d", "#e6ab02", "#aaaaaa", "#555555"]  # fmt: skip
 FAMILY_COLOURS: dict[str, str] = {
     name: _COLOURS[i % len(_COLOURS)] for i, name in enumerate(FAMILIES)
 }
@@ -32,13 +32,14 @@ def family_colour(name: str) -> str:
 
 def family_shades(name: str, n: int) -> list[str]:
     """``n`` shades of the family's colour, the first the colour itself, then alternately
-    darker and lighter (for several experiments of one family in one panel)."""
+    lighter and darker (for several experiments of one family in one panel); lighter
+    first, as several of the colours are dark already."""
     r, g, b = to_rgb(family_colour(name))
     out = []
     for i in range(n):
-        step = (i + 1) // 2 * 0.22
-        if i % 2:  # darker
-            out.append(to_hex((r * (1 - step), g * (1 - step), b * (1 - step))))
-        else:  # lighter (i = 0: the colour itself)
+        step = (i + 1) // 2 * 0.3
+        if i % 2:  # lighter
             out.append(to_hex((r + (1 - r) * step, g + (1 - g) * step, b + (1 - b) * step)))
+        else:  # darker (i = 0: the colour itself)
+            out.append(to_hex((r * (1 - step), g * (1 - step), b * (1 - step))))
     return out
