@@ -71,6 +71,7 @@ from stages.io import (
     atomic_path,
     remove_stale_temps,
     sha256_file,
+    stable_hash,
     write_json_atomic,
     write_text_atomic,
 )
@@ -116,6 +117,7 @@ class ImageRecord:
     mode: str
     sha256: str
     mask_coverage: float | None
+    mask_sha256: str | None = None  # the mask file's, part of the dataset's identity
 
 
 INDEX_SCHEMA = pa.schema(
@@ -132,6 +134,7 @@ INDEX_SCHEMA = pa.schema(
         ("mode", pa.string()),
         ("sha256", pa.string()),
         ("mask_coverage", pa.float64()),
+        ("mask_sha256", pa.string()),
     ]
 )
 
@@ -493,6 +496,7 @@ def _check_entry(
         mode=img.mode,
         sha256=sha256_file(path),
         mask_coverage=coverage,
+        mask_sha256=None if mask_path is None else sha256_file(mask_path),
     )
 
 
@@ -666,6 +670,52 @@ def read_index(path: str | Path) -> pa.Table:
     if not Path(path).exists():
         raise UserError(f"{path}: image index missing (run the dataset stage: dvc repro dataset)")
     return pq.read_table(path)
+
+
+# --- dataset identity ---------------------------------------------------------------------
+
+IDENTITY_FIELDS = ("image_id", "split", "defect_type", "sha256", "mask_sha256")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One category of one dataset root, identified by its content: ``id`` is a hash of
+    the category's name and, per image, its id, split, defect type and the SHA-256 of its
+    file and mask. Moving the root keeps the id; changing, adding or removing any image or
+    mask changes it, so results of two versions of a category never mix."""
+
+    id: str
+    root: str
+    category: str
+    n_images: int
+    n_test: int
+    n_anomalous: int
+
+
+def dataset_infos(
+    index: str | Path, root: str, categories: Sequence[str]
+) -> dict[str, DatasetInfo]:
+    """The identity of each of ``categories`` in the image index (``root``: ``data.root``
+    as the params write it, recorded beside the id for people)."""
+    table = read_index(index)
+    names = [n for n in IDENTITY_FIELDS if n in table.column_names]  # older index: no masks
+    rows: dict[str, list[dict[str, Any]]] = {c: [] for c in categories}
+    for row in table.select(["category", "is_anomaly", *names]).to_pylist():
+        if row["category"] in rows:
+            rows[row["category"]].append(row)
+    out = {}
+    for category, items in rows.items():
+        items.sort(key=lambda r: r["image_id"])
+        content = [[r.get(n) for n in IDENTITY_FIELDS] for r in items]
+        out[category] = DatasetInfo(
+            id=stable_hash({"category": category, "images": content})[:16],
+            root=str(root),
+            category=category,
+            n_images=len(items),
+            n_test=sum(r["split"] == "test" for r in items),
+            n_anomalous=sum(bool(r["is_anomaly"]) for r in items),
+        )
+    return out
 
 
 def list_files(folder: Path) -> list[list[Any]]:

@@ -132,7 +132,7 @@ from stages.anomaly_maps import (
 )
 from stages.augment import INDEX as AUGMENT_INDEX
 from stages.augment import check_augment_index, train_originals
-from stages.dataset import read_index
+from stages.dataset import DatasetInfo, dataset_infos, read_index
 from stages.device import GPU_RESOURCE, DeviceName, resolve_device
 from stages.engine import EngineParams, check_scheduler, dask_client, deadline, run_units
 from stages.errors import UserError, run_cli, setup_logging
@@ -180,6 +180,7 @@ from stages.results_db import (
     ExperimentRow,
     failed_errors,
     open_db,
+    record_datasets,
     single_writer,
     status_counts,
     statuses,
@@ -248,6 +249,7 @@ class FeatureSetEntry(Section):
     content_hash: str
     n_rows: int | None = None
     dim: int | None = None
+    dataset: str | None = None  # the category's content identity (set by the stage, not listed)
 
 
 @dataclass(frozen=True)
@@ -356,6 +358,7 @@ def config_fields(features: FeatureSetEntry, exp: Planned) -> dict[str, Any]:
         "detector_name": exp.detector.name,
         "seed": exp.seed,
         "feature_hash": features.content_hash,
+        "dataset": features.dataset,
     }
 
 
@@ -1176,6 +1179,11 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
     check_listing(root, feature_sets, listing)
     check_augmentation(params, root.augment.transforms, root.data.categories, params_path)
     check_pairing(params.detectors, feature_sets, params_path)
+    # Feature sets written by hand (no image index) have no dataset identity: NULL rows.
+    datasets = (dataset_infos(root.data.index, root.data.root, root.data.categories)
+                if Path(root.data.index).is_file() else {})  # fmt: skip
+    feature_sets = [fs.model_copy(update={"dataset": datasets[fs.category].id})
+                    if fs.category in datasets else fs for fs in feature_sets]  # fmt: skip
     grid = plan(feature_sets, root.augment.transforms, detectors, params.seeds,
                 params.augmentation)  # fmt: skip
     indexes = _Indexes(root)
@@ -1185,20 +1193,32 @@ def evaluate(params_path: str | Path, client: Client | None = None) -> dict[str,
                           else None, indexes)  # fmt: skip
     with single_writer(params.db_url):  # one run per database: a second one is refused
         remove_stale_temps(Path(params.summary).parent, recursive=False)
-        return _evaluate_grid(params, grid, feature_sets, detectors, client, setting)
+        return _evaluate_grid(params, grid, feature_sets, detectors, client, setting,
+                              list(datasets.values()))  # fmt: skip
 
 
 def _evaluate_grid(params: EvaluateParams, grid: list[tuple[FeatureSetEntry, list[Planned]]],
                    feature_sets: list[FeatureSetEntry], detectors: list[DetectorConfig],
-                   client: Client | None, setting: Setting | None = None) -> dict[str, Any]:  # fmt: skip
+                   client: Client | None, setting: Setting | None = None,
+                   datasets: Sequence[DatasetInfo] = ()) -> dict[str, Any]:  # fmt: skip
     """The checked grid against the database: run what is pending, write the summary.
     ``setting``: the image index (absolute), where units with maps read their test masks,
-    and what the families that need more than their rows read."""
+    and what the families that need more than their rows read. ``datasets``: the
+    categories' identities, recorded as the database's current datasets."""
     setting = setting or Setting(scratch=str(Path(params.scratch).resolve()))
     index = setting.index
     keys = [e.key for _, exps in grid for e in exps]
     db = open_db(params.db_url)
     try:
+        if datasets:
+            planned: dict[str, list[str]] = {}
+            for fs, exps in grid:
+                if fs.dataset is not None:
+                    planned.setdefault(fs.dataset, []).extend(e.key for e in exps)
+            filled = record_datasets(db, datasets, planned)
+            if filled:
+                log.info("%d stored experiments had no dataset recorded (written before "
+                         "datasets were); named theirs", filled)  # fmt: skip
         known = statuses(db, keys)
         unread = [k for k, e in failed_errors(db, keys).items() if INPUT_FAILURE.search(e)]
         for key in unread:

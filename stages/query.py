@@ -6,11 +6,16 @@
     python -m stages.query show KEY            # a unique prefix of the key is enough
     python -m stages.query export-submission KEY out.csv
     python -m stages.query map KEY test/crack/003 --out map.png   # one test image's anomaly map
+    python -m stages.query datasets           # the datasets in the database, current first
 
 The database is ``evaluate.db_url`` of ``--params`` (default params.yaml), or ``--db URL``.
 Filters: one option per config field (``--category``, ``--augmented``, ``--backbone``,
 ``--init``, ``--layer``, ``--representation``, ``--detector``, ``--hyperparams``,
 ``--seed``) and ``--where COLUMN=VALUE`` (repeatable) for any column of ``experiments``.
+``top`` and ``failed`` show the current params' dataset (the content identity of
+``data.root`` x each category, from the image index ``data.index``; without it, the
+datasets of the last evaluate run), say so, and count what the database holds besides;
+``--dataset all`` shows every dataset, ``--dataset ID`` one (a unique id prefix).
 
 Submission file (the Kaggle format of the MVTec course assignment): CSV with the header
 ``id,prediction`` and one row per test image of the experiment's category, ordered by
@@ -49,7 +54,8 @@ from stages.errors import UserError, run_cli
 from stages.io import atomic_path
 from stages.metrics import predict
 from stages.params import DEFAULT_PARAMS, load_params, path_problem
-from stages.results_db import FINAL_NOT_DONE, Experiment, Image, Score, open_db
+from stages.results_db import FINAL_NOT_DONE, Experiment, Image, Score, dataset_rows, open_db
+from stages.scope import DatasetScope, current_ids, scope
 
 DEFAULT_DB_URL = "sqlite:///results/results.sqlite"
 FIELD_FILTERS = ("category", "augmented", "backbone", "init", "layer", "representation",
@@ -110,9 +116,13 @@ def find_experiments(
     statuses: Sequence[str] | None = None,
     order_by_auroc: bool = False,
     limit: int | None = None,
+    datasets: set[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Experiment rows matching every filter (and one of ``statuses``), as dicts."""
+    """Experiment rows matching every filter (and one of ``statuses``; of one of
+    ``datasets`` unless None), as dicts."""
     query = select(*Experiment.__table__.columns)
+    if datasets is not None:
+        query = query.where(Experiment.dataset.in_(sorted(datasets)))
     for column, value in filters.items():
         query = query.where(COLUMNS[column] == value)
     if statuses:
@@ -126,6 +136,43 @@ def find_experiments(
         query = query.limit(limit)
     with Session(engine) as session:
         return [dict(r) for r in session.execute(query).mappings()]
+
+
+def params_dataset_ids(params_path: str | Path, db_override: str | None) -> set[str] | None:
+    """The current params' dataset ids, or None when they cannot be known here (no params
+    file, or ``--db`` names another database, or no image index yet)."""
+    if db_override or not Path(params_path).is_file():
+        return None
+    data = load_params(params_path).data
+    return current_ids(data.index, data.root, data.categories)
+
+
+def query_scope(engine: Engine, params_path: str | Path, choice: str,
+                db_override: str | None) -> DatasetScope:  # fmt: skip
+    """The datasets ``top``/``failed`` show for ``--dataset choice``."""
+    ids = params_dataset_ids(params_path, db_override) if choice == "current" else None
+    return scope(engine, choice, ids, str(params_path))
+
+
+def datasets_text(engine: Engine, params_path: str | Path, db_override: str | None) -> str:
+    """The ``datasets`` table: one row per recorded dataset, the params' marked."""
+    params_ids = params_dataset_ids(params_path, db_override)
+    rows = []
+    for r in dataset_rows(engine):
+        if r["id"] is None:
+            rows.append(["(none)", "-", "-", "-", "-", r["experiments"], r["done"], "-", "-",
+                         "written before datasets were recorded"])  # fmt: skip
+            continue
+        mark = "yes" if (r["id"] in params_ids if params_ids is not None else r["current"]) else ""
+        rows.append([r["id"], r["root"], r["category"], r["n_images"], r["n_test"],
+                     r["experiments"], r["done"], mark,
+                     r["last_seen"].strftime("%Y-%m-%d %H:%M") if r["last_seen"] else "-",
+                     ""])  # fmt: skip
+    header = ["dataset", "root", "category", "images", "test", "experiments", "done",
+              "current", "last evaluated", "note"]  # fmt: skip
+    which = f"current = named by {params_path}" if params_ids is not None else (
+        "current = named by the last evaluate run")  # fmt: skip
+    return f"{text_table(header, rows)}\n({len(rows)} rows; {which})"
 
 
 def experiment_by_key(engine: Engine, key: str) -> dict[str, Any]:
@@ -429,12 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(f"--{name}", help=f"only experiments with this {name}")
         p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
                        help="filter on any column of experiments (repeatable)")  # fmt: skip
+        p.add_argument("--dataset", default="current", metavar="current|all|ID",
+                       help="the current params' dataset (default), every dataset, or one "
+                       "(an id prefix; see the datasets command)")  # fmt: skip
         return p
 
     top = with_filters(sub.add_parser("top", help="best done experiments by AUROC"))
     top.add_argument("--n", type=int, default=10, help="how many (10)")
     failed = with_filters(sub.add_parser("failed", help="failed, crashed, timed-out experiments"))
     failed.add_argument("--status", choices=FINAL_NOT_DONE, help="only this status")
+    sub.add_parser("datasets", help="the datasets in the database, with experiment counts")
     show = sub.add_parser("show", help="every field of one experiment")
     show.add_argument("key", help="experiment key or a unique prefix")
     export = sub.add_parser(
@@ -469,13 +520,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command in ("top", "failed"):
             fields = {name: getattr(args, name) for name in FIELD_FILTERS}
             filters = parse_filters(fields, args.where)
+            shown = query_scope(engine, args.params, args.dataset, args.db)
+            print(f"dataset: {shown.describe()}")
             if args.command == "top":
                 rows = find_experiments(engine, filters, ["done"], order_by_auroc=True,
-                                        limit=args.n)  # fmt: skip
+                                        limit=args.n, datasets=shown.ids)  # fmt: skip
                 columns = TOP_COLUMNS
             else:
                 wanted = [args.status] if args.status else list(FINAL_NOT_DONE)
-                rows = find_experiments(engine, filters, wanted)
+                rows = find_experiments(engine, filters, wanted, datasets=shown.ids)
                 columns = FAILED_COLUMNS
             table_rows = [[r["key"][:12], *(r[c] for c in columns[1:])] for r in rows]
             for r in table_rows:
@@ -483,6 +536,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     r[-1] = " ".join(str(r[-1]).split())
             print(text_table(columns, table_rows))
             print(f"({len(rows)} experiments)")
+            if note := shown.others_note():
+                print(note)
+        elif args.command == "datasets":
+            print(datasets_text(engine, args.params, args.db))
         elif args.command == "show":
             exp = experiment_by_key(engine, args.key)
             exp["hyperparams"] = json.dumps(json.loads(exp["hyperparams"]), sort_keys=True)

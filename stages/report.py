@@ -101,6 +101,7 @@ from stages.query import (
 )
 from stages.report_html import write_html
 from stages.results_db import STATUSES, Experiment, Image, Score, open_db
+from stages.scope import DatasetScope, current_ids, scope
 
 log = logging.getLogger("stages.report")
 
@@ -874,6 +875,8 @@ class Report:
     # Labelled families' rows (evaluated on a held-out part only: in no table above) as the
     # "With a few labels" section's lines per category (stages.report_few_labels).
     few_labels: dict[str, Any] = field(default_factory=dict)
+    # The datasets shown (the current params') and what the database holds besides.
+    datasets: DatasetScope = field(default_factory=lambda: DatasetScope(None))
 
 
 def build_metrics(rows: Sequence[dict[str, Any]], categories: Sequence[str],
@@ -979,6 +982,7 @@ def render(report: Report, params: ReportParams, engine: Engine, out: Path, stat
         f"From `{db_url}` ({params.scope}: {len(rows)} experiments, {len(done)} done with an "
         f"AUROC, {n_cat} categories). AUROC and average precision take anomalies as the "
         "positive class; higher scores mean more anomalous.",
+        f"Dataset: {report.datasets.describe()}. {report.datasets.others_note()}".strip(),
     ]
     counts = Counter(r["status"] for r in rows)
     kinds = error_kinds(rows)
@@ -1201,7 +1205,9 @@ def report(params_path: str | Path) -> Report:
     keys = grid_keys(params_path) if params.scope == "grid" else None
     engine = open_db(db_url, read_only=True)  # the evaluate stage's output: never written
     try:
-        rows = read_experiments(engine, keys)
+        datasets = scope(engine, "current", current_ids(
+            root.data.index, root.data.root, root.data.categories), str(params_path))  # fmt: skip
+        rows = datasets.filter(read_experiments(engine, keys))
         if not rows:  # said in the report (and here), not a failure: nothing is done yet
             log.warning("%s: no experiments stored (scope %s); the report says so",
                         db_url, params.scope)  # fmt: skip
@@ -1222,6 +1228,11 @@ def report(params_path: str | Path) -> Report:
             seed_spread=spread,
             metrics=build_metrics(rows, categories, best, loco, spread), pixel=pixel,
         )  # fmt: skip
+        result.datasets = datasets
+        result.metrics["datasets"] = [
+            {k: d[k] for k in ("id", "root", "category", "n_images", "n_test")}
+            for d in datasets.shown
+        ]  # fmt: skip
         if pixel is not None:
             result.metrics["pixel"] = pixel_metrics_json(pixel)
         if few:

@@ -11,7 +11,12 @@ Tables:
   of their in-sample scores) and ``*_oracle`` (the test set's max-F1 threshold, an upper
   bound); see
   ``stages.metrics``. An image is predicted anomalous iff its score > the threshold.
-* ``images``: one row per test image of a category (shared by all its experiments).
+* ``datasets``: one row per category of a dataset root, by content identity (a hash of the
+  category's image ids, labels and image and mask file hashes; ``stages.dataset``), with
+  the root as written, image counts, first and last use and ``current``: whether the last
+  evaluate run's params name it. Every experiment names its ``dataset``.
+* ``images``: one row per test image of a category (shared by all its experiments; an
+  image id names its split and defect type, so two datasets that share one agree on it).
 * ``scores``: the per-image test score of every done experiment (NULL where the score was
   NaN, since SQLite cannot store NaN; ``±inf`` are stored as they are).
 * ``epochs``: the learning curve of every done experiment whose family trains a network
@@ -114,6 +119,9 @@ class Experiment(Base):
     detector_name: Mapped[str] = mapped_column(String(600), index=True)  # readable label
     seed: Mapped[int] = mapped_column(Integer, index=True)
     feature_hash: Mapped[str] = mapped_column(String(128), index=True)
+    # The dataset (``datasets.id``: the category's content identity); NULL for rows written
+    # before it was recorded, until an evaluate run that plans them fills it in.
+    dataset: Mapped[str | None] = mapped_column(String(64), index=True)
     # Shape of the matrices the detector saw.
     n_train: Mapped[int | None] = mapped_column(Integer)
     n_test: Mapped[int | None] = mapped_column(Integer)
@@ -182,6 +190,22 @@ class Experiment(Base):
     # Where a family that trains ran its network (cpu or cuda: evaluate.device); NULL for
     # the other families and for rows written before it was recorded.
     device: Mapped[str | None] = mapped_column(String(16))
+
+
+class Dataset(Base):
+    """One category of one dataset root, identified by content (``stages.dataset``)."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    root: Mapped[str] = mapped_column(String(1024))  # data.root as the params wrote it
+    category: Mapped[str] = mapped_column(String(64), index=True)
+    n_images: Mapped[int] = mapped_column(Integer)
+    n_test: Mapped[int] = mapped_column(Integer)
+    n_anomalous: Mapped[int] = mapped_column(Integer)
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    current: Mapped[bool] = mapped_column(Boolean, index=True)  # named by the last run
 
 
 class Image(Base):
@@ -501,6 +525,65 @@ def curve_of(engine: Engine, key: str) -> list[dict[str, Any]]:
     )
     with Session(engine) as session:
         return [dict(r) for r in session.execute(query).mappings()]
+
+
+def record_datasets(engine: Engine, infos: Iterable[Any], keys: dict[str, Sequence[str]]) -> int:
+    """Record the datasets of this run (``stages.dataset.DatasetInfo``) as the current ones
+    (every other one is no longer current), and name the dataset of its planned experiments
+    stored without one (``keys``: dataset id -> planned keys; a key hashes the features'
+    content, hence the images', so it belongs to that dataset). Returns how many rows were
+    filled in."""
+    now = datetime.now(UTC)
+    infos = list(infos)
+    filled = 0
+    with Session(engine) as session, session.begin():
+        session.execute(Dataset.__table__.update().values(current=False))
+        for info in infos:
+            row = session.get(Dataset, info.id)
+            values = {"root": info.root, "category": info.category, "n_images": info.n_images,
+                      "n_test": info.n_test, "n_anomalous": info.n_anomalous,
+                      "last_seen": now, "current": True}  # fmt: skip
+            if row is None:
+                session.add(Dataset(id=info.id, first_seen=now, **values))
+            else:
+                for name, value in values.items():
+                    setattr(row, name, value)
+        for dataset, planned in keys.items():
+            planned = list(planned)
+            for start in range(0, len(planned), 500):  # bound the IN list
+                result = session.execute(
+                    Experiment.__table__.update()
+                    .where(Experiment.key.in_(planned[start : start + 500]))
+                    .where(Experiment.dataset.is_(None))
+                    .values(dataset=dataset)
+                )
+                filled += result.rowcount or 0
+    return filled
+
+
+def dataset_rows(engine: Engine) -> list[dict[str, Any]]:
+    """Every recorded dataset with its experiment counts (``experiments``, ``done``), the
+    current ones first; plus one row with id ``None`` for experiments of no recorded dataset."""
+    done = func.sum(func.cast(Experiment.status == "done", Integer))
+    query = select(Experiment.dataset, func.count(), done).group_by(Experiment.dataset)
+    with Session(engine) as session:
+        counts = {d: (n, int(k or 0)) for d, n, k in session.execute(query)}
+    with Session(engine) as session:
+        datasets = session.scalars(select(Dataset)).all()
+        out = [
+            {"id": d.id, "root": d.root, "category": d.category, "n_images": d.n_images,
+             "n_test": d.n_test, "n_anomalous": d.n_anomalous, "current": d.current,
+             "first_seen": d.first_seen, "last_seen": d.last_seen,
+             "experiments": counts.get(d.id, (0, 0))[0], "done": counts.get(d.id, (0, 0))[1]}
+            for d in datasets
+        ]  # fmt: skip
+    out.sort(key=lambda r: (not r["current"], r["root"], r["category"]))
+    if None in counts:
+        out.append({"id": None, "root": None, "category": None, "n_images": None,
+                    "n_test": None, "n_anomalous": None, "current": False, "first_seen": None,
+                    "last_seen": None, "experiments": counts[None][0],
+                    "done": counts[None][1]})  # fmt: skip
+    return out
 
 
 def score_row_count(engine: Engine) -> int:
