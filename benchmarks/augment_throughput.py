@@ -19,7 +19,6 @@ transforms and shown per image).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
@@ -43,6 +42,7 @@ from stages.augment import (
     _plan,
     apply_transform,
     augment_category,
+    augment_source,
     encode_png,
 )
 from stages.images import read_image
@@ -70,13 +70,7 @@ def old_decode(path: str) -> Image.Image:
 
 
 def old_work(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    image = old_decode(items[0]["source_path"])
-    finished = []
-    for item in items:
-        data = old_encode(old_transform(image, item["transform"]))
-        write_bytes_atomic(item["path"], data)
-        finished.append({**item, "sha256": hashlib.sha256(data).hexdigest()})
-    return finished
+    return augment_source(items, old_decode, old_transform, old_encode)
 
 
 def old_stage(sources: list[dict], out: Path) -> list[dict]:

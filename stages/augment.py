@@ -126,13 +126,19 @@ def encode_png(image: Image.Image) -> bytes:
     return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 
 
-def augment_source(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def augment_source(
+    items: list[dict[str, Any]],
+    decode: Callable[[str], Any] = read_image,
+    transform: Callable[[Any, str], Any] = apply_transform,
+    encode: Callable[[Any], bytes] = encode_png,
+) -> list[dict[str, Any]]:
     """Decode one training image once and write each of its planned transforms
-    (``items``: the ``_plan`` entries of one source) atomically; their manifest entries."""
-    image = read_image(items[0]["source_path"])
+    (``items``: the ``_plan`` entries of one source) atomically; their manifest entries.
+    ``decode``/``transform``/``encode``: the stage's own (a benchmark passes the old ones)."""
+    image = decode(items[0]["source_path"])
     finished = []
     for item in items:
-        data = encode_png(apply_transform(image, item["transform"]))
+        data = encode(transform(image, item["transform"]))
         write_bytes_atomic(item["path"], data)
         finished.append({**item, "sha256": hashlib.sha256(data).hexdigest()})
     return finished
