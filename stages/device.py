@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,3 +92,12 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
         yield
+
+
+def deterministic_cuda() -> None:
+    """Same CUDA device, same bits: a fixed cuBLAS workspace (set before cuBLAS starts),
+    deterministic cuDNN kernels and no autotuning. Call in the worker before its first
+    CUDA work."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True

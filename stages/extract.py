@@ -122,6 +122,7 @@ from stages.device import (
     Precision,
     autocast,
     check_precision,
+    deterministic_cuda,
     resolve_device,
 )
 from stages.engine import EngineParams, check_scheduler, dask_client, run_units
@@ -834,9 +835,7 @@ def forward_batch(
 def _deterministic_cuda() -> None:
     """Same device, same bits: deterministic cuDNN/cuBLAS kernels, no autotuning, and no
     TF32 (float32 means float32). Set in the worker before its first CUDA call."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
+    deterministic_cuda()
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
 

@@ -32,7 +32,6 @@ reconstruction pass, a supervised one, a contrastive one).
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.device import resolve_device
+from stages.device import deterministic_cuda, resolve_device
 from stages.io import atomic_path
 from stages.methods.base import Setting, say
 
@@ -60,14 +59,12 @@ def run_device(setting: Setting | None) -> torch.device:
     spec = setting.device if setting is not None else "cpu"
     if spec == "cpu":
         return torch.device("cpu")
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+    deterministic_cuda()
     device = resolve_device(spec, "evaluate.device")
     if spec == "cuda":
         name = _worker_name()
         if isinstance(name, int) and name < torch.cuda.device_count():
             device = torch.device("cuda", name)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
     return device
 
