@@ -156,7 +156,7 @@ def test_read_only_results_database_then_writable_rerun(tmp_path: Path) -> None:
     assert set(before) <= set(after)  # the finished experiments were not recomputed
     with contextlib.closing(sqlite3.connect(db)) as conn:  # the write probe left nothing
         tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"experiments", "images", "scores", "epochs"}
+    assert tables == {"experiments", "datasets", "images", "scores", "epochs"}
 
 
 @pytest.mark.slow
