@@ -425,11 +425,11 @@ def _schema_problem(engine: Engine, read_only: bool) -> str | None:
     """
     inspector = inspect(engine)
     name = _db_name(engine)
-    older = None
+    older = absent = None
     for table in Base.metadata.sorted_tables:
         if not inspector.has_table(table.name):
-            if read_only:
-                return f"{name}: no table {table.name}; run the evaluate stage first"
+            if read_only and absent is None:  # said after any incompatible table
+                absent = f"{name}: no table {table.name}; run the evaluate stage first"
             continue
         present = {c["name"] for c in inspector.get_columns(table.name)}
         missing = [c for c in table.columns if c.name not in present]
@@ -442,7 +442,7 @@ def _schema_problem(engine: Engine, read_only: bool) -> str | None:
             older = (f"{name}: table {table.name} lacks {', '.join(c.name for c in missing)} "
                      "(written by an older evaluate stage; evaluate.db_url): run the evaluate "
                      "stage, which adds them and keeps the finished experiments")  # fmt: skip
-    return older
+    return absent or older
 
 
 def _add_missing_columns(engine: Engine) -> None:
