@@ -78,11 +78,11 @@ def scope(engine: Engine, choice: str = "current", params_ids: set[str] | None =
     if choice == "all":
         return DatasetScope(None, recorded, "all")
     if choice == "current":
+        if not recorded:  # no evaluate run recorded one (hand-written results): every row
+            return DatasetScope(None, recorded, "no dataset recorded")
         if params_ids is None:
             params_ids = {r["id"] for r in recorded if r["current"]}
             source = "the datasets of the last evaluate run"
-            if not params_ids:  # nothing recorded (hand-written feature sets): every row
-                return DatasetScope(None, recorded, "no dataset recorded")
         ids = params_ids
     else:
         ids = {r["id"] for r in recorded if r["id"].startswith(choice)}
