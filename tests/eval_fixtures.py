@@ -117,7 +117,12 @@ def make_workspace(
                             "n_rows": manifest["n_rows"], "dim": dim})  # fmt: skip
     (out / "feature_sets.json").write_text(json.dumps(listing, indent=1), encoding="utf-8")
     params = {
-        "data": {"root": str(root / "data"), "categories": list(categories)},
+        # No image index (hand-written feature sets), named so no other folder's is read.
+        "data": {
+            "root": str(root / "data"),
+            "categories": list(categories),
+            "index": str(root / "dataset" / "index.parquet"),
+        },
         "augment": {"out": str(root / "augment"), "transforms": categories},
         "extract": {"out": str(out)},
         "evaluate": {
