@@ -329,14 +329,15 @@ def build_extractor(backbone: str, init: str, layers: list[str], seed: int = 0) 
 
 # Where a convolutional backbone runs in ``channels_last`` memory format, as (device type,
 # precision). It changes the kernels' summation order, so a feature set made with it records
-# ``memory_format`` in its config (another content hash). On this project's CPU
-# (benchmarks/extract_throughput.py --precision, README "Benchmarks"), on a loaded machine,
-# it gave the ResNets 0.90-0.96x in bf16 in one run and 1.07-1.47x in the next, 1.1-1.2x in
-# float32: not clearly enough to change the float32 feature sets' hashes, so the CPU stays
-# contiguous. On
-# CUDA, bf16 convolutions run on tensor cores in NHWC (cuDNN transposes NCHW inputs), the
-# layout NVIDIA recommends for them; not yet measured here (no GPU).
-CHANNELS_LAST: frozenset[tuple[str, str]] = frozenset({("cuda", "bfloat16")})
+# ``memory_format`` in its config (another content hash). CPU bf16: oneDNN's bf16
+# convolutions (AVX512-BF16, AMX) want NHWC; on an Intel Xeon with AMX, quiet, it made the
+# bf16 forward pass 1.65-1.9x (resnet18) and 1.3-1.4x (resnet50) faster than contiguous
+# bf16 in two runs (benchmarks/extract_throughput.py --precision, README "Benchmarks"); on
+# an AMD EPYC with AVX512-BF16 and no AMX, under load, 0.90-1.47x between runs. CPU float32
+# stays contiguous: 1.1-1.2x there, not worth changing every float32 feature set's hash.
+# CUDA bf16: tensor cores take NHWC (cuDNN transposes NCHW inputs), NVIDIA's recommended
+# layout; not yet measured here (no GPU).
+CHANNELS_LAST: frozenset[tuple[str, str]] = frozenset({("cpu", "bfloat16"), ("cuda", "bfloat16")})
 CONVOLUTIONAL = ("resnet18", "resnet50", "efficientnet_lite0")
 
 

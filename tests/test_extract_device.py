@@ -123,6 +123,7 @@ def test_bf16_features_are_bitwise_stable_and_never_mix_with_float32(
         assert a["folder"] != b["folder"] and a["content_hash"] != b["content_hash"]
         manifest = read_manifest(a["folder"])
         assert manifest["precision"] == "bfloat16" and "device" not in manifest
+        assert manifest["memory_format"] == "channels_last"  # oneDNN's bf16 layout
         assert "precision" not in read_manifest(b["folder"])  # float32 CPU: hash as before
         # what the evaluate stage recomputes to tell stale features
         rows = extract.unit_rows(bf16)
