@@ -44,8 +44,8 @@ Params (section ``extract``):
   ``--resources GPU=1``). ``pixels`` always runs on the CPU in float32 (no network).
 - ``precision`` (``float32``): ``float32`` or ``bfloat16`` (autocast; on a CPU only where it
   has bf16 instructions, AVX512-BF16 or AMX, otherwise a one-line error). The ResNets and
-  efficientnet_lite0 run in ``channels_last`` where ``backbones.CHANNELS_LAST`` says (bf16
-  on CUDA; the CPU stays contiguous: see there). Features are bitwise the same on
+  efficientnet_lite0 run in ``channels_last`` where ``backbones.CHANNELS_LAST`` says (bf16,
+  on the CPU and CUDA; float32 stays contiguous: see there). Features are bitwise the same on
   rerun and resume for one device type and precision. A feature set not made on the CPU in
   float32 records ``precision``/``device``/``memory_format`` in its manifest (hashed: another
   content hash, so other experiment rows) and lives in its own folder
