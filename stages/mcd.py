@@ -47,9 +47,8 @@ def _pinvh(covariance: np.ndarray) -> np.ndarray:
     pseudo-inverse is the same up to rounding.
     """
     s, u = linalg.eigh(covariance, check_finite=False, driver="evd")
-    above = (
-        np.abs(s) > np.max(np.abs(s), initial=0.0) * max(covariance.shape) * np.finfo(s.dtype).eps
-    )
+    cutoff = np.max(np.abs(s), initial=0.0) * max(covariance.shape) * np.finfo(s.dtype).eps
+    above = np.abs(s) > cutoff
     return (u[:, above] / s[above]) @ u[:, above].T
 
 
@@ -67,17 +66,18 @@ class _Factor:
         else:
             self.logdet = fast_logdet(covariance)
         self._precision: np.ndarray | None = None
+        self._inverse: np.ndarray | None = None  # L^-1, at first use (C-steps call twice)
 
     def dist(self, centred: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distances of the rows of ``centred``."""
-        if self.chol is not None:  # L^-1 once, then one GEMM: 1.5x a triangular solve
-            (trtri,) = linalg.get_lapack_funcs(("trtri",), (self.chol,))
-            inverse, info = trtri(self.chol, lower=1)
-            if info == 0:
-                y = centred @ inverse.T
-                return np.einsum("ij,ij->i", y, y)
-            y = linalg.solve_triangular(self.chol, centred.T, lower=True, check_finite=False)
-            return np.einsum("ij,ij->j", y, y)
+        if self.chol is not None:  # L^-1 once, then one GEMM a call: 1.5x a triangular solve
+            if self._inverse is None:
+                (trtri,) = linalg.get_lapack_funcs(("trtri",), (self.chol,))
+                self._inverse, info = trtri(self.chol, lower=1)
+                if info:  # cannot happen: a Cholesky factor's diagonal is positive
+                    raise linalg.LinAlgError(f"trtri failed (info {info})")
+            y = centred @ self._inverse.T
+            return np.einsum("ij,ij->i", y, y)
         if self._precision is None:
             self._precision = _pinvh(self.covariance)
         return (centred @ self._precision * centred).sum(axis=1)

@@ -15,7 +15,7 @@ Filters: one option per config field (``--category``, ``--augmented``, ``--backb
 ``top`` and ``failed`` show the current params' dataset (the content identity of
 ``data.root`` x each category, from the image index ``data.index``; without it, the
 datasets of the last evaluate run), say so, and count what the database holds besides;
-``--dataset all`` shows every dataset, ``--dataset ID`` one (a unique id prefix).
+``--dataset all`` shows every dataset, ``--dataset ID`` those whose id starts so.
 
 Submission file (the Kaggle format of the MVTec course assignment): CSV with the header
 ``id,prediction`` and one row per test image of the experiment's category, ordered by

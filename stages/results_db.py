@@ -568,7 +568,6 @@ def dataset_rows(engine: Engine) -> list[dict[str, Any]]:
     query = select(Experiment.dataset, func.count(), done).group_by(Experiment.dataset)
     with Session(engine) as session:
         counts = {d: (n, int(k or 0)) for d, n, k in session.execute(query)}
-    with Session(engine) as session:
         datasets = session.scalars(select(Dataset)).all()
         out = [
             {"id": d.id, "root": d.root, "category": d.category, "n_images": d.n_images,

@@ -71,7 +71,8 @@ def current_ids(index: str | Path, root: str, categories: Sequence[str]) -> set[
 def scope(engine: Engine, choice: str = "current", params_ids: set[str] | None = None,
           source: str = "") -> DatasetScope:  # fmt: skip
     """The scope for ``choice``: ``current`` (``params_ids``, else the datasets the last
-    evaluate run marked current), ``all``, or a dataset id (a unique prefix is enough)."""
+    evaluate run marked current), ``all``, or a dataset id (a prefix selects every id it
+    starts)."""
     rows = dataset_rows(engine)
     recorded = [r for r in rows if r["id"] is not None]
     unrecorded = sum(r["experiments"] for r in rows if r["id"] is None)
